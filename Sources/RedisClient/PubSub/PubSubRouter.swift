@@ -1,0 +1,242 @@
+import Logging
+import NIOCore
+import Synchronization
+
+/// The pub/sub registry: which subscription listens to which channel or pattern, what the server has confirmed on
+/// the current connection, and who waits for a confirmation. Re-subscribes everything on every new connection.
+final class PubSubRouter: Sendable {
+    struct Topic: Hashable {
+        var name: String
+        var isPattern: Bool
+    }
+
+    private struct Subscriber {
+        var topics: [Topic]
+        var continuation: AsyncStream<RedisPubSubMessage>.Continuation
+    }
+
+    private struct Confirmation {
+        var waiting: Set<Topic>
+        var continuation: CheckedContinuation<Void, any Error>
+    }
+
+    private struct State {
+        var subscribers: [UInt64: Subscriber] = [:]
+        var listeners: [Topic: Set<UInt64>] = [:]
+        var confirmed: Set<Topic> = []
+        var confirmations: [UInt64: Confirmation] = [:]
+        var channel: (any Channel)?
+        var needed = false
+        var neededWaiter: CheckedContinuation<Bool, Never>?
+        var shutdown = false
+        var nextID: UInt64 = 0
+    }
+
+    private let state = Mutex(State())
+    private let connection = Mutex<RedisConnection?>(nil)
+    let address: String
+    let logger: Logger
+
+    init(address: String, logger: Logger) {
+        self.address = address
+        self.logger = logger
+    }
+
+    func attach(_ connection: RedisConnection) {
+        self.connection.withLock { $0 = connection }
+    }
+
+    /// Waits until the first subscription; `false` when the client shut down first.
+    func waitUntilNeeded() async -> Bool {
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+                let resume = state.withLock { state -> Bool? in
+                    if state.shutdown || Task.isCancelled { return false }
+                    if state.needed { return true }
+                    state.neededWaiter = continuation
+                    return nil
+                }
+                if let resume { continuation.resume(returning: resume) }
+            }
+        } onCancel: {
+            let waiter = state.withLock { state -> CheckedContinuation<Bool, Never>? in
+                state.shutdown = true
+                defer { state.neededWaiter = nil }
+                return state.neededWaiter
+            }
+            waiter?.resume(returning: false)
+        }
+    }
+
+    func subscribe(channels: [String], patterns: [String], deadline: NIODeadline, timeout: Duration) async throws -> RedisSubscription {
+        let topics = channels.map { Topic(name: $0, isPattern: false) } + patterns.map { Topic(name: $0, isPattern: true) }
+        guard !topics.isEmpty else {
+            throw RedisError(code: .invalidArgument, message: "subscribe needs at least one channel or pattern")
+        }
+        let (stream, continuation) = AsyncStream<RedisPubSubMessage>.makeStream(bufferingPolicy: .unbounded)
+        let id: UInt64
+        let (registered, send, channel, wake) = try state.withLock { state throws(RedisError) in
+            if state.shutdown {
+                throw RedisError(code: .clientShutdown, message: "the Redis client for \(address) was shut down")
+            }
+            state.nextID += 1
+            let id = state.nextID
+            state.subscribers[id] = Subscriber(topics: topics, continuation: continuation)
+            var newTopics: [Topic] = []
+            for topic in topics {
+                if state.listeners[topic, default: []].isEmpty { newTopics.append(topic) }
+                state.listeners[topic, default: []].insert(id)
+            }
+            var wake: CheckedContinuation<Bool, Never>? = nil
+            if !state.needed {
+                state.needed = true
+                wake = state.neededWaiter
+                state.neededWaiter = nil
+            }
+            return (id, newTopics, state.channel, wake)
+        }
+        id = registered
+        wake?.resume(returning: true)
+        continuation.onTermination = { [weak self] _ in self?.remove(id) }
+        let subscription = RedisSubscription(stream: stream, id: id, router: self)
+        if let channel, !send.isEmpty, let connection = connection.withLock({ $0 }) {
+            for command in Self.commands(for: send, subscribe: true) { connection.write(command, to: channel) }
+        }
+        do {
+            try await waitForConfirmation(of: Set(topics), id: id, deadline: deadline, timeout: timeout)
+        } catch {
+            remove(id)
+            throw error
+        }
+        return subscription
+    }
+
+    private func waitForConfirmation(of topics: Set<Topic>, id: UInt64, deadline: NIODeadline, timeout: Duration) async throws {
+        let eventLoop = connection.withLock { $0 }?.eventLoop
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+            let done = state.withLock { state -> Bool in
+                let waiting = topics.subtracting(state.confirmed)
+                if waiting.isEmpty { return true }
+                state.confirmations[id] = Confirmation(waiting: waiting, continuation: continuation)
+                return false
+            }
+            if done {
+                continuation.resume()
+                return
+            }
+            eventLoop?.scheduleTask(deadline: deadline) {
+                let expired = self.state.withLock { $0.confirmations.removeValue(forKey: id) }
+                expired?.continuation.resume(throwing: RedisError(
+                    code: .timeout,
+                    message: "Redis at \(self.address) did not confirm the subscription within \(timeout)",
+                    address: self.address
+                ))
+            }
+        }
+    }
+
+    /// Ends subscription `id`; unsubscribes from topics nobody listens to any more.
+    func remove(_ id: UInt64) {
+        let (subscriber, drop, channel, confirmation) = state.withLock { state -> (Subscriber?, [Topic], (any Channel)?, Confirmation?) in
+            guard let subscriber = state.subscribers.removeValue(forKey: id) else { return (nil, [], nil, nil) }
+            var drop: [Topic] = []
+            for topic in subscriber.topics {
+                state.listeners[topic]?.remove(id)
+                if state.listeners[topic]?.isEmpty == true {
+                    state.listeners[topic] = nil
+                    state.confirmed.remove(topic)
+                    drop.append(topic)
+                }
+            }
+            return (subscriber, drop, state.channel, state.confirmations.removeValue(forKey: id))
+        }
+        subscriber?.continuation.finish()
+        confirmation?.continuation.resume(throwing: RedisError(code: .cancelled, message: "subscription to \(address) was cancelled"))
+        if let channel, !drop.isEmpty, let connection = connection.withLock({ $0 }) {
+            for command in Self.commands(for: drop, subscribe: false) { connection.write(command, to: channel) }
+        }
+    }
+
+    /// A new pub/sub connection (before requests flow): subscribe to every topic again.
+    func connected(_ channel: any Channel) {
+        let topics = state.withLock { state -> [Topic] in
+            state.channel = channel
+            state.confirmed = []
+            return Array(state.listeners.keys)
+        }
+        guard let connection = connection.withLock({ $0 }), !topics.isEmpty else { return }
+        logger.debug("re-subscribing", metadata: ["redis.topics": "\(topics.count)"])
+        for command in Self.commands(for: topics, subscribe: true) { connection.write(command, to: channel) }
+    }
+
+    /// A push from the server: a message, or a (un)subscribe confirmation. Called on the event loop, in order.
+    func push(_ reply: RESPValue) {
+        guard case .array(let values) = reply, values.count >= 3, let kind = values[0].string else { return }
+        switch kind {
+        case "message":
+            guard let channel = values[1].string, let payload = values[2].bytes else { return }
+            deliver(RedisPubSubMessage(channel: channel, pattern: nil, payload: payload), to: Topic(name: channel, isPattern: false))
+        case "pmessage":
+            guard values.count >= 4, let pattern = values[1].string, let channel = values[2].string, let payload = values[3].bytes else { return }
+            deliver(RedisPubSubMessage(channel: channel, pattern: pattern, payload: payload), to: Topic(name: pattern, isPattern: true))
+        case "subscribe", "psubscribe":
+            guard let name = values[1].string else { return }
+            confirm(Topic(name: name, isPattern: kind == "psubscribe"))
+        default:
+            break
+        }
+    }
+
+    private func deliver(_ message: RedisPubSubMessage, to topic: Topic) {
+        let continuations = state.withLock { state in
+            (state.listeners[topic] ?? []).compactMap { state.subscribers[$0]?.continuation }
+        }
+        for continuation in continuations { continuation.yield(message) }
+    }
+
+    private func confirm(_ topic: Topic) {
+        let ready = state.withLock { state -> [CheckedContinuation<Void, any Error>] in
+            guard state.listeners[topic] != nil else { return [] }
+            state.confirmed.insert(topic)
+            var ready: [CheckedContinuation<Void, any Error>] = []
+            for (id, var confirmation) in state.confirmations {
+                confirmation.waiting.remove(topic)
+                if confirmation.waiting.isEmpty {
+                    state.confirmations[id] = nil
+                    ready.append(confirmation.continuation)
+                } else {
+                    state.confirmations[id] = confirmation
+                }
+            }
+            return ready
+        }
+        for continuation in ready { continuation.resume() }
+    }
+
+    /// The client stopped: every subscription finishes, every waiter fails.
+    func shutdown() {
+        let (subscribers, confirmations, waiter) = state.withLock { state in
+            state.shutdown = true
+            defer {
+                state.subscribers = [:]
+                state.listeners = [:]
+                state.confirmations = [:]
+                state.neededWaiter = nil
+            }
+            return (Array(state.subscribers.values), Array(state.confirmations.values), state.neededWaiter)
+        }
+        waiter?.resume(returning: false)
+        for subscriber in subscribers { subscriber.continuation.finish() }
+        let error = RedisError(code: .clientShutdown, message: "the Redis client for \(address) was shut down")
+        for confirmation in confirmations { confirmation.continuation.resume(throwing: error) }
+    }
+
+    private static func commands(for topics: [Topic], subscribe: Bool) -> [RedisCommand] {
+        var commands: [RedisCommand] = []
+        let channels = topics.filter { !$0.isPattern }.map(\.name)
+        let patterns = topics.filter(\.isPattern).map(\.name)
+        if !channels.isEmpty { commands.append(RedisCommand(subscribe ? "SUBSCRIBE" : "UNSUBSCRIBE", arguments: channels)) }
+        if !patterns.isEmpty { commands.append(RedisCommand(subscribe ? "PSUBSCRIBE" : "PUNSUBSCRIBE", arguments: patterns)) }
+        return commands
+    }
+}

@@ -1,0 +1,87 @@
+import Logging
+import NIOCore
+import ServiceLifecycle
+
+/// An async Redis client: many concurrent callers share one connection, and their commands leave in one write per
+/// event-loop turn (automatic pipelining). Pub/sub runs on a second connection, opened at the first subscription.
+///
+/// The client does nothing until ``run()`` runs (it is a swift-service-lifecycle `Service`); requests made before
+/// that, or while it reconnects, wait up to their deadline.
+///
+/// ```swift
+/// let client = RedisClient(configuration: try RedisClientConfiguration(url: "redis://127.0.0.1:6379"))
+/// try await withThrowingDiscardingTaskGroup { group in
+///     group.addTask { try await client.run() }
+///     try await client.set("greeting", to: "hello")
+///     print(try await client.get("greeting")?.string ?? "nil")
+///     group.cancelAll()
+/// }
+/// ```
+public final class RedisClient: Sendable, Service {
+    /// The configuration the client was created with.
+    public let configuration: RedisClientConfiguration
+    let connection: RedisConnection
+    let pubSub: PubSubRouter
+    let pubSubConnection: RedisConnection
+    let logger: Logger
+
+    /// Creates a client. It connects when ``run()`` starts.
+    public init(configuration: RedisClientConfiguration, logger: Logger = Logger(label: "fleetgate.redis")) {
+        self.configuration = configuration
+        self.logger = logger
+        self.connection = RedisConnection(configuration: configuration, mode: .commands, logger: logger)
+        let router = PubSubRouter(address: configuration.address, logger: logger)
+        self.pubSub = router
+        self.pubSubConnection = RedisConnection(
+            configuration: configuration,
+            mode: .pubSub(onPush: { router.push($0) }, onReady: { router.connected($0) }),
+            logger: logger
+        )
+        router.attach(pubSubConnection)
+    }
+
+    /// Runs the client's connections until the task is cancelled or a graceful shutdown is triggered; then every
+    /// waiting request fails with ``RedisError/Code/clientShutdown`` and the connections close.
+    public func run() async throws {
+        await cancelWhenGracefulShutdown {
+            await withDiscardingTaskGroup { group in
+                group.addTask { await self.connection.run() }
+                group.addTask {
+                    guard await self.pubSub.waitUntilNeeded() else { return }
+                    await self.pubSubConnection.run()
+                }
+            }
+        }
+        pubSub.shutdown()
+    }
+
+    /// The deadline for a request made now.
+    func deadline(_ timeout: Duration?) -> NIODeadline {
+        let timeout = timeout ?? configuration.commandTimeout
+        let (seconds, attoseconds) = timeout.components
+        return .now() + .nanoseconds(seconds * 1_000_000_000 + attoseconds / 1_000_000_000)
+    }
+
+    /// Sends a command and returns its reply.
+    ///
+    /// - Parameter timeout: the request's deadline, counted from now; defaults to the configuration's command timeout.
+    /// - Throws: ``RedisError``: the server's error reply (``RedisError/Code/server``, ``RedisError/Code/noScript``, …),
+    ///   a ``RedisError/Code/timeout``, a lost connection, or shutdown.
+    @discardableResult
+    public func send(_ command: RedisCommand, timeout: Duration? = nil) async throws -> RESPValue {
+        try await connection.send(command, deadline: deadline(timeout))
+    }
+
+    /// Sends a command given by name and arguments, e.g. `send("HSET", key, "field", value)`.
+    @discardableResult
+    public func send(_ name: String, _ arguments: any RESPArgumentConvertible...) async throws -> RESPValue {
+        try await connection.send(RedisCommand(name, arguments: arguments), deadline: deadline(nil))
+    }
+
+    /// Sends commands back to back in one write and returns each one's reply or error reply, in order.
+    ///
+    /// A connection failure or the deadline fails the whole batch (thrown); an error *reply* fails only its element.
+    public func pipeline(_ commands: [RedisCommand], timeout: Duration? = nil) async throws -> [Result<RESPValue, RedisError>] {
+        try await connection.send(batch: commands, deadline: deadline(timeout))
+    }
+}
