@@ -1,6 +1,7 @@
 /// A few typed conveniences; everything else goes through ``RedisClient/send(_:_:)``.
 extension RedisClient {
     /// `PING`; returns the server's answer (`PONG`).
+    @discardableResult
     public func ping() async throws -> String {
         try await send("PING").string ?? ""
     }

@@ -85,3 +85,9 @@ public final class RedisClient: Sendable, Service {
         try await connection.send(batch: commands, deadline: deadline(timeout))
     }
 }
+
+extension RedisClient {
+    /// The command connection's queue depth: requests not yet written, and written requests awaiting a reply.
+    /// For tests and diagnostics.
+    public var debugQueueDepth: (pending: Int, inflight: Int) { connection.queueDepth }
+}

@@ -29,13 +29,15 @@ struct ConfigurationTests {
         #expect(passwordOnly.address == "[::1]:7000")
     }
 
-    @Test("bad URLs are refused with a reason, and the password is not echoed", arguments: [
-        ("http://h:1", "scheme"),
-        ("rediss://h:1", "TLS"),
-        ("redis://:hunter2@h:1/x", "database"),
-        ("redis://h:1?timeout=3", "query"),
-        ("h:1", "scheme"),
-    ])
+    @Test(
+        "bad URLs are refused with a reason, and the password is not echoed",
+        arguments: [
+            ("http://h:1", "scheme"),
+            ("rediss://h:1", "TLS"),
+            ("redis://:hunter2@h:1/x", "database"),
+            ("redis://h:1?timeout=3", "query"),
+            ("h:1", "scheme"),
+        ])
     func badURLs(url: String, reason: String) {
         do {
             _ = try RedisClientConfiguration(url: url)

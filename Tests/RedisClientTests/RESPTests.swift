@@ -39,15 +39,16 @@ struct RESPTests {
             try reader.feed(ByteBuffer(bytes: [byte]))
             while let reply = try reader.next() { replies.append(reply) }
         }
-        #expect(replies == [
-            .simpleString("OK"),
-            .error("ERR bad thing"),
-            .integer(-7),
-            .bulkString([0x61, 0x00, 0x62]),
-            .null,
-            .null,
-            .array([.array([.integer(1)]), .bulkString([])]),
-        ])
+        #expect(
+            replies == [
+                .simpleString("OK"),
+                .error("ERR bad thing"),
+                .integer(-7),
+                .bulkString([0x61, 0x00, 0x62]),
+                .null,
+                .null,
+                .array([.array([.integer(1)]), .bulkString([])]),
+            ])
     }
 
     @Test("garbage is a protocol error")

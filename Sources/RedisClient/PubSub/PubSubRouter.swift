@@ -126,11 +126,12 @@ final class PubSubRouter: Sendable {
             }
             eventLoop?.scheduleTask(deadline: deadline) {
                 let expired = self.state.withLock { $0.confirmations.removeValue(forKey: id) }
-                expired?.continuation.resume(throwing: RedisError(
-                    code: .timeout,
-                    message: "Redis at \(self.address) did not confirm the subscription within \(timeout)",
-                    address: self.address
-                ))
+                expired?.continuation.resume(
+                    throwing: RedisError(
+                        code: .timeout,
+                        message: "Redis at \(self.address) did not confirm the subscription within \(timeout)",
+                        address: self.address
+                    ))
             }
         }
     }

@@ -1,0 +1,104 @@
+import Dispatch
+import Foundation
+import Synchronization
+
+/// Records that a child process has exited and lets any number of tasks await that moment.
+///
+/// `Process.terminationHandler` calls ``markExited(status:signaled:)`` from Foundation's own thread; waiters that
+/// arrive after that return immediately, so there is no window in which the exit can be missed.
+final class ExitWatcher: Sendable {
+    /// How the process ended.
+    struct Termination: Sendable, CustomStringConvertible {
+        /// The exit status, or the signal number when `signaled` is true.
+        var status: Int32
+        /// Whether the process was ended by an uncaught signal.
+        var signaled: Bool
+
+        var description: String {
+            signaled ? "killed by signal \(status)" : "exited with status \(status)"
+        }
+    }
+
+    private struct State {
+        var termination: Termination?
+        var nextWaiterID = 0
+        var waiters: [Int: CheckedContinuation<Bool, Never>] = [:]
+        /// The pid announced to ``ProcessWatchdog``, withdrawn again on exit.
+        var watchedPID: Int32?
+    }
+
+    private let state = Mutex(State())
+
+    /// How the process ended, or nil while it is still running.
+    var termination: Termination? {
+        state.withLock { $0.termination }
+    }
+
+    /// Whether the process has exited (and been reaped).
+    var hasExited: Bool {
+        termination != nil
+    }
+
+    /// Announces `pid` to ``ProcessWatchdog`` unless the process has already exited; ``markExited(status:signaled:)``
+    /// withdraws it. Both happen under one lock, so an early exit can never leave a stale (reusable) pid announced.
+    func registerWithWatchdog(pid: Int32) {
+        state.withLock { state in
+            guard state.termination == nil, state.watchedPID == nil else { return }
+            ProcessWatchdog.watch(pid: pid)
+            state.watchedPID = pid
+        }
+    }
+
+    /// Records the exit and wakes every waiter. Later calls are ignored.
+    func markExited(status: Int32, signaled: Bool) {
+        let waiters = state.withLock { state -> [CheckedContinuation<Bool, Never>] in
+            guard state.termination == nil else { return [] }
+            state.termination = Termination(status: status, signaled: signaled)
+            if let pid = state.watchedPID {
+                ProcessWatchdog.forget(pid: pid)
+            }
+            defer { state.waiters = [:] }
+            return Array(state.waiters.values)
+        }
+        for waiter in waiters {
+            waiter.resume(returning: true)
+        }
+    }
+
+    /// Waits until the process has exited; returns false if `timeout` passed first (the process may still be running).
+    @discardableResult
+    func wait(timeout: Duration? = nil) async -> Bool {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+            let waiterID = state.withLock { state -> Int? in
+                guard state.termination == nil else { return nil }
+                let waiterID = state.nextWaiterID
+                state.nextWaiterID += 1
+                state.waiters[waiterID] = continuation
+                return waiterID
+            }
+            guard let waiterID else {
+                continuation.resume(returning: true)
+                return
+            }
+            if let timeout {
+                let (seconds, attoseconds) = timeout.components
+                let nanoseconds = Int(seconds) * 1_000_000_000 + Int(attoseconds / 1_000_000_000)
+                DispatchQueue.global().asyncAfter(deadline: .now() + .nanoseconds(nanoseconds)) {
+                    let waiter = self.state.withLock { $0.waiters.removeValue(forKey: waiterID) }
+                    waiter?.resume(returning: false)
+                }
+            }
+        }
+    }
+}
+
+extension ExitWatcher {
+    /// Creates a watcher and installs it as `process`'s termination handler (call before `run()`).
+    static func attached(to process: Process) -> ExitWatcher {
+        let watcher = ExitWatcher()
+        process.terminationHandler = { process in
+            watcher.markExited(status: process.terminationStatus, signaled: process.terminationReason == .uncaughtSignal)
+        }
+        return watcher
+    }
+}

@@ -1,0 +1,174 @@
+import Foundation
+import Histogram
+import Logging
+import RedisClient
+
+/// Throughput and latency of one measured run.
+struct Measurement: Sendable {
+    var requestsPerSecond: Double
+    var p50Milliseconds: Double
+    var p99Milliseconds: Double
+}
+
+/// One workload's result: the client next to redis-benchmark.
+struct RedisBenchResult: Sendable {
+    var workload: BenchRedis.Workload
+    var mode: BenchRedis.Mode
+    var client: Measurement
+    var reference: Measurement
+    var ratio: Double { client.requestsPerSecond / reference.requestsPerSecond }
+}
+
+/// Runs the `bench redis` workloads.
+struct RedisBenchRunner: Sendable {
+    static let script = RedisScript("return redis.call('INCR', KEYS[1])")
+    static let keyspace = 100_000
+
+    var configuration: RedisClientConfiguration
+    var clients: Int
+    var requests: Int
+    var pipeline: Int
+    var redisBenchmarkPath: String
+    /// Run the request tasks on the connection's event loop (``RedisClient/taskExecutor``) instead of the global executor.
+    var onEventLoop = false
+    var modes: [BenchRedis.Mode] = [.automatic, .explicit]
+
+    func run(_ workloads: [BenchRedis.Workload]) async throws -> [RedisBenchResult] {
+        let client = RedisClient(configuration: configuration, logger: Logger(label: "fleetgate.bench"))
+        return try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await client.run() }
+            defer { group.cancelAll() }
+            try await client.ping()
+            try await client.load(Self.script)
+            var results: [RedisBenchResult] = []
+            for workload in workloads {
+                let reference = try RedisBenchmarkTool.run(
+                    path: redisBenchmarkPath,
+                    configuration: configuration,
+                    arguments: ["-c", "\(clients)", "-n", "\(requests)", "-P", "\(pipeline)", "-r", "\(Self.keyspace)"]
+                        + Self.benchmarkCommand(workload)
+                )
+                // Warm up (connection, caches, allocator) with a tenth of the requests, then measure.
+                for mode in modes {
+                    _ = try await measure(client, workload, mode: mode, requests: max(1_000, requests / 10))
+                    let measured = try await measure(client, workload, mode: mode, requests: requests)
+                    results.append(RedisBenchResult(workload: workload, mode: mode, client: measured, reference: reference))
+                }
+            }
+            try await cleanUp(client)
+            return results
+        }
+    }
+
+    static func benchmarkCommand(_ workload: BenchRedis.Workload) -> [String] {
+        switch workload {
+        case .set: return ["SET", "fgbench:set:__rand_int__", "xxx"]
+        case .evalsha: return ["EVALSHA", script.sha1, "1", "fgbench:eval:__rand_int__"]
+        }
+    }
+
+    private func command(_ workload: BenchRedis.Workload, key: Int) -> RedisCommand {
+        switch workload {
+        case .set: return RedisCommand("SET", "fgbench:set:\(key)", "xxx")
+        case .evalsha: return RedisCommand("EVALSHA", Self.script.sha1, 1, "fgbench:eval:\(key)")
+        }
+    }
+
+    /// `clients x pipeline` tasks share `requests`; each records its latencies in its own histogram.
+    private func measure(_ client: RedisClient, _ workload: BenchRedis.Workload, mode: BenchRedis.Mode, requests: Int) async throws -> Measurement {
+        // Automatic pipelining: clients x pipeline independent callers, one command each at a time.
+        // Explicit pipelining: `clients` callers, each sending batches of `pipeline` commands, like redis-benchmark.
+        let tasks = mode == .automatic ? clients * pipeline : clients
+        let batch = mode == .automatic ? 1 : pipeline
+        let clock = ContinuousClock()
+        let start = clock.now
+        let executor: EventLoopTaskExecutor? = onEventLoop ? client.taskExecutor : nil
+        let histogram = try await withThrowingTaskGroup(of: Histogram<UInt64>.self) { group in
+            for task in 0..<tasks {
+                let share = requests / tasks + (task < requests % tasks ? 1 : 0)
+                group.addTask(executorPreference: executor) {
+                    var histogram = Histogram<UInt64>(highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: .three)
+                    var generator = SplitMix64(seed: UInt64(task) &+ 0x9E37_79B9_7F4A_7C15)
+                    var done = 0
+                    while done < share {
+                        let sent = clock.now
+                        if batch == 1 {
+                            try await client.send(command(workload, key: Int.random(in: 0..<Self.keyspace, using: &generator)))
+                        } else {
+                            let count = min(batch, share - done)
+                            let commands = (0..<count).map { _ in command(workload, key: Int.random(in: 0..<Self.keyspace, using: &generator)) }
+                            for reply in try await client.pipeline(commands) { _ = try reply.get() }
+                        }
+                        let elapsed = sent.duration(to: clock.now).components
+                        let micros = UInt64(elapsed.seconds) * 1_000_000 + UInt64(elapsed.attoseconds / 1_000_000_000_000)
+                        let count = min(batch, share - done)
+                        _ = histogram.record(micros, count: UInt64(count))
+                        done += count
+                    }
+                    return histogram
+                }
+            }
+            var total = Histogram<UInt64>(highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: .three)
+            for try await part in group { total.add(part) }
+            return total
+        }
+        let elapsed = start.duration(to: clock.now).components
+        let seconds = Double(elapsed.seconds) + Double(elapsed.attoseconds) / 1e18
+        return Measurement(
+            requestsPerSecond: Double(requests) / seconds,
+            p50Milliseconds: Double(histogram.valueAtPercentile(50)) / 1000,
+            p99Milliseconds: Double(histogram.valueAtPercentile(99)) / 1000
+        )
+    }
+
+    /// Deletes the benchmark's keys (SCAN + UNLINK, never FLUSHALL).
+    private func cleanUp(_ client: RedisClient) async throws {
+        var cursor = "0"
+        repeat {
+            let reply = try await client.send("SCAN", cursor, "MATCH", "fgbench:*", "COUNT", 1000)
+            guard let parts = reply.array, parts.count == 2, let next = parts[0].string, let keys = parts[1].array else { break }
+            cursor = next
+            let names = keys.compactMap(\.string)
+            if !names.isEmpty { try await client.send(RedisCommand("UNLINK", arguments: names)) }
+        } while cursor != "0"
+    }
+
+    static func report(_ results: [RedisBenchResult], clients: Int, pipeline: Int, requests: Int) -> String {
+        var lines = [
+            "fleetgate bench redis: \(requests) requests; redis-benchmark -c \(clients) -P \(pipeline); client on 1 connection with",
+            "  automatic = \(clients * pipeline) concurrent callers, 1 command each; explicit = \(clients) callers, pipeline() batches of \(pipeline)",
+            pad("command", 9) + pad("mode", 11) + pad("client req/s", 14) + pad("p50 ms", 9) + pad("p99 ms", 9)
+                + pad("redis-benchmark req/s", 23) + pad("p50 ms", 9) + pad("p99 ms", 9) + "ratio",
+        ]
+        for result in results {
+            lines.append(
+                pad(result.workload.rawValue.uppercased(), 9) + pad(result.mode.rawValue, 11) + pad(format(result.client.requestsPerSecond, 0), 14)
+                    + pad(format(result.client.p50Milliseconds, 3), 9) + pad(format(result.client.p99Milliseconds, 3), 9)
+                    + pad(format(result.reference.requestsPerSecond, 0), 23) + pad(format(result.reference.p50Milliseconds, 3), 9)
+                    + pad(format(result.reference.p99Milliseconds, 3), 9) + format(result.ratio, 2) + "x"
+            )
+        }
+        return lines.joined(separator: "\n")
+    }
+
+    private static func pad(_ text: String, _ width: Int) -> String {
+        text.count >= width ? text + " " : text + String(repeating: " ", count: width - text.count)
+    }
+
+    private static func format(_ value: Double, _ decimals: Int) -> String {
+        String(format: "%.\(decimals)f", value)
+    }
+}
+
+/// A tiny, fast PRNG for picking keys (the system generator makes a syscall per number).
+struct SplitMix64: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}

@@ -1,0 +1,31 @@
+import Foundation
+import Logging
+import RedisClient
+import TestSupport
+
+/// Runs `body` with a client for `url` whose `run()` is active, and shuts the client down afterwards.
+func withClient<T: Sendable>(
+    _ url: String,
+    configure: (inout RedisClientConfiguration) -> Void = { _ in },
+    _ body: (RedisClient) async throws -> T
+) async throws -> T {
+    var configuration = try RedisClientConfiguration(url: url)
+    configure(&configuration)
+    let client = RedisClient(configuration: configuration, logger: Logger(label: "test.redis"))
+    return try await withThrowingTaskGroup(of: Void.self) { group in
+        group.addTask { try await client.run() }
+        defer { group.cancelAll() }
+        return try await body(client)
+    }
+}
+
+/// Polls `condition` every 10 ms until it holds or `timeout` passes; for states no event announces
+/// (a server-side subscriber count, bytes reaching a socket). Returns whether it held.
+func eventually(timeout: Duration = .seconds(10), _ condition: () async throws -> Bool) async rethrows -> Bool {
+    let deadline = ContinuousClock.now + timeout
+    while ContinuousClock.now < deadline {
+        if try await condition() { return true }
+        try? await Task.sleep(for: .milliseconds(10))
+    }
+    return try await condition()
+}
