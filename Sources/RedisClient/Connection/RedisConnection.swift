@@ -136,7 +136,7 @@ final class RedisConnection: Sendable {
             for (index, range) in ranges.enumerated() {
                 state.queue.enqueue(id: ids[index], deadline: deadline, waiter: waiters[index], bytes: UnsafeRawBufferPointer(rebasing: bytes[range]))
             }
-            return Self.afterEnqueue(&state, deadline: deadline)
+            return Self.afterEnqueue(&state, deadline: deadline, batch: true)
         }
         perform(action, failing: waiters)
     }
@@ -161,9 +161,11 @@ final class RedisConnection: Sendable {
         }
     }
 
-    private static func afterEnqueue(_ state: inout State, deadline: NIODeadline) -> EnqueueAction {
+    private static func afterEnqueue(_ state: inout State, deadline: NIODeadline, batch: Bool = false) -> EnqueueAction {
         var flush = false
-        if case .ready = state.phase, !state.flushScheduled {
+        // With replies still due, the next read flushes whatever queued up meanwhile (one write for many callers);
+        // only an idle pipe, or an explicit batch, needs a flush of its own.
+        if case .ready = state.phase, !state.flushScheduled, batch || state.queue.inflightCount == 0 {
             state.flushScheduled = true
             flush = true
         }
@@ -259,14 +261,18 @@ final class RedisConnection: Sendable {
             if ordinary.isEmpty { return }
         }
         var unexpected = false
+        var write: ByteBuffer? = nil
         let targets = state.withLockedValue { state -> [RequestQueue<Waiter>.ReplyTarget] in
             guard state.phase.channel === channel else { return [] }
-            return ordinary.map { _ in
+            let targets = ordinary.map { _ in
                 let target = state.queue.replyReceived()
                 if case .unexpected = target { unexpected = true }
                 return target
             }
+            if case .ready = state.phase, !state.flushScheduled { write = state.queue.takePendingForWrite() }
+            return targets
         }
+        if let write, !unexpected { channel.writeAndFlush(write, promise: nil) }
         for (reply, target) in zip(ordinary, targets) {
             guard case .waiter(let waiter) = target else { continue }
             switch waiter {

@@ -1,21 +1,24 @@
 internal import CHiredis
 import NIOCore
 
-/// The thin layer over hiredis: RESP encoding with `redisFormatCommandArgv`, decoding with a `redisReader`.
+/// The thin layer over hiredis: RESP encoding with `redisFormatSdsCommandArgv`, decoding with a `redisReader`.
+///
+/// `redisFormatSdsCommandArgv` is `redisFormatCommandArgv`'s twin that formats lengths with hiredis's own `sdscatfmt`
+/// instead of a libc `sprintf` per argument; the bytes are the same (see `RESPTests`).
 /// Nothing here leaks a C type to callers.
 enum Hiredis {
-    /// Encodes `command` as RESP with `redisFormatCommandArgv` and appends it to `buffer`.
+    /// Encodes `command` as RESP and appends it to `buffer`.
     static func encode(_ command: RedisCommand, into buffer: inout ByteBuffer) throws(RedisError) {
         let _: Void = try withEncoded(command) { buffer.writeBytes($0) }
     }
 
-    /// Encodes `command` as RESP with `redisFormatCommandArgv` and lends the bytes to `body`.
+    /// Encodes `command` as RESP with hiredis and lends the bytes to `body`.
     static func withEncoded<T>(_ command: RedisCommand, _ body: (UnsafeRawBufferPointer) -> T) throws(RedisError) -> T {
         let count = command.lengths.count
         guard count > 0, count <= Int(Int32.max) else {
             throw RedisError(code: .invalidArgument, message: "a Redis command needs a name and at most \(Int32.max) arguments")
         }
-        var target: UnsafeMutablePointer<CChar>? = nil
+        var target: sds? = nil
         let length: Int32 = command.storage.withUnsafeBufferPointer { storage in
             command.lengths.withUnsafeBufferPointer { lengths in
                 withUnsafeTemporaryAllocation(of: UnsafePointer<CChar>?.self, capacity: count) { argv in
@@ -26,14 +29,14 @@ enum Hiredis {
                         argv[index] = (base + offset).assumingMemoryBound(to: CChar.self)
                         offset += lengths[index]
                     }
-                    return redisFormatCommandArgv(&target, Int32(count), argv.baseAddress, lengths.baseAddress)
+                    return redisFormatSdsCommandArgv(&target, Int32(count), argv.baseAddress, lengths.baseAddress)
                 }
             }
         }
         guard length >= 0, let target else {
             throw RedisError(code: .invalidArgument, message: "hiredis could not encode command \(command.name) (out of memory)")
         }
-        defer { redisFreeCommand(target) }
+        defer { redisFreeSdsCommand(target) }
         return body(UnsafeRawBufferPointer(start: target, count: Int(length)))
     }
 

@@ -8,6 +8,17 @@ struct Measurement: Sendable {
     var requestsPerSecond: Double
     var p50Milliseconds: Double
     var p99Milliseconds: Double
+    /// CPU time (user + system) this process spent per request, in microseconds; `nil` for redis-benchmark.
+    var cpuMicrosecondsPerRequest: Double? = nil
+}
+
+/// User + system CPU time of this process so far, in microseconds.
+func processCPUMicroseconds() -> Double {
+    var usage = rusage()
+    getrusage(RUSAGE_SELF.rawValue, &usage)
+    let user = Double(usage.ru_utime.tv_sec) * 1e6 + Double(usage.ru_utime.tv_usec)
+    let system = Double(usage.ru_stime.tv_sec) * 1e6 + Double(usage.ru_stime.tv_usec)
+    return user + system
 }
 
 /// One workload's result: the client next to redis-benchmark.
@@ -81,6 +92,7 @@ struct RedisBenchRunner: Sendable {
         let tasks = mode == .automatic ? clients * pipeline : clients
         let batch = mode == .automatic ? 1 : pipeline
         let clock = ContinuousClock()
+        let cpuBefore = processCPUMicroseconds()
         let start = clock.now
         let executor: EventLoopTaskExecutor? = onEventLoop ? client.taskExecutor : nil
         let histogram = try await withThrowingTaskGroup(of: Histogram<UInt64>.self) { group in
@@ -113,11 +125,13 @@ struct RedisBenchRunner: Sendable {
             return total
         }
         let elapsed = start.duration(to: clock.now).components
+        let cpu = processCPUMicroseconds() - cpuBefore
         let seconds = Double(elapsed.seconds) + Double(elapsed.attoseconds) / 1e18
         return Measurement(
             requestsPerSecond: Double(requests) / seconds,
             p50Milliseconds: Double(histogram.valueAtPercentile(50)) / 1000,
-            p99Milliseconds: Double(histogram.valueAtPercentile(99)) / 1000
+            p99Milliseconds: Double(histogram.valueAtPercentile(99)) / 1000,
+            cpuMicrosecondsPerRequest: cpu / Double(requests)
         )
     }
 
@@ -138,14 +152,15 @@ struct RedisBenchRunner: Sendable {
             "fleetgate bench redis: \(requests) requests; redis-benchmark -c \(clients) -P \(pipeline); client on 1 connection with",
             "  automatic = \(clients * pipeline) concurrent callers, 1 command each; explicit = \(clients) callers, pipeline() batches of \(pipeline)",
             pad("command", 9) + pad("mode", 11) + pad("client req/s", 14) + pad("p50 ms", 9) + pad("p99 ms", 9)
-                + pad("redis-benchmark req/s", 23) + pad("p50 ms", 9) + pad("p99 ms", 9) + "ratio",
+                + pad("redis-benchmark req/s", 23) + pad("p50 ms", 9) + pad("p99 ms", 9) + pad("client CPU µs/req", 19) + "ratio",
         ]
         for result in results {
             lines.append(
                 pad(result.workload.rawValue.uppercased(), 9) + pad(result.mode.rawValue, 11) + pad(format(result.client.requestsPerSecond, 0), 14)
                     + pad(format(result.client.p50Milliseconds, 3), 9) + pad(format(result.client.p99Milliseconds, 3), 9)
                     + pad(format(result.reference.requestsPerSecond, 0), 23) + pad(format(result.reference.p50Milliseconds, 3), 9)
-                    + pad(format(result.reference.p99Milliseconds, 3), 9) + format(result.ratio, 2) + "x"
+                    + pad(format(result.reference.p99Milliseconds, 3), 9)
+                    + pad(format(result.client.cpuMicrosecondsPerRequest ?? 0, 2), 19) + format(result.ratio, 2) + "x"
             )
         }
         return lines.joined(separator: "\n")
