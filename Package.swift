@@ -14,11 +14,13 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .library(name: "RedisClient", targets: ["RedisClient"]),
+        .library(name: "ConnectionLimiter", targets: ["ConnectionLimiter"]),
         .executable(name: "fleetgate", targets: ["fleetgate"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
         .package(url: "https://github.com/apple/swift-crypto.git", from: "3.12.3"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
@@ -41,6 +43,17 @@ let package = Package(
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
+            name: "ConnectionLimiter",
+            dependencies: [
+                "RedisClient",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            resources: [.copy("Scripts")],
             swiftSettings: swiftSettings
         ),
         .target(
@@ -70,6 +83,21 @@ let package = Package(
         .testTarget(
             name: "RedisClientIntegrationTests",
             dependencies: ["RedisClient", "TestSupport"],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "ConnectionLimiterTests",
+            dependencies: ["ConnectionLimiter"],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "ConnectionLimiterIntegrationTests",
+            dependencies: [
+                "ConnectionLimiter",
+                "RedisClient",
+                "TestSupport",
+                .product(name: "MetricsTestKit", package: "swift-metrics"),
+            ],
             swiftSettings: swiftSettings
         ),
         .testTarget(

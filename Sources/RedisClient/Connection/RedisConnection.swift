@@ -136,7 +136,7 @@ final class RedisConnection: Sendable {
             for (index, range) in ranges.enumerated() {
                 state.queue.enqueue(id: ids[index], deadline: deadline, waiter: waiters[index], bytes: UnsafeRawBufferPointer(rebasing: bytes[range]))
             }
-            return Self.afterEnqueue(&state, deadline: deadline, batch: true)
+            return Self.afterEnqueue(&state, deadline: deadline)
         }
         perform(action, failing: waiters)
     }
@@ -161,11 +161,11 @@ final class RedisConnection: Sendable {
         }
     }
 
-    private static func afterEnqueue(_ state: inout State, deadline: NIODeadline, batch: Bool = false) -> EnqueueAction {
+    private static func afterEnqueue(_ state: inout State, deadline: NIODeadline) -> EnqueueAction {
         var flush = false
-        // With replies still due, the next read flushes whatever queued up meanwhile (one write for many callers);
-        // only an idle pipe, or an explicit batch, needs a flush of its own.
-        if case .ready = state.phase, !state.flushScheduled, batch || state.queue.inflightCount == 0 {
+        // One flush per event-loop turn: every command queued until it runs leaves in the same write. (Holding
+        // commands until the next reply would batch more, but would add up to a round trip of latency on slow links.)
+        if case .ready = state.phase, !state.flushScheduled {
             state.flushScheduled = true
             flush = true
         }

@@ -1,0 +1,300 @@
+import Logging
+import Metrics
+import RedisClient
+import Synchronization
+
+/// The admission script's answer.
+struct AdmitReply: Sendable {
+    enum Status: Int { case denied = 0, admitted = 1, evicted = 2, alreadyAdmitted = 3, dryRunOverLimit = 4 }
+    var status: Status
+    var count: Int
+    var limit: Int
+    /// Redis's clock (ms) when the script ran.
+    var now: Int64
+    var expiredRemoved: Int
+    var deadRemoved: Int
+    /// Evicted member (status 2) or holders `member|expiry` (status 0).
+    var extra: [String]
+
+    init(_ reply: RESPValue) throws(LimiterError) {
+        guard let raw = reply.int(at: 0), let status = Status(rawValue: raw), let count = reply.int(at: 1),
+            let limit = reply.int(at: 2), let now = reply.int(at: 3), let expired = reply.int(at: 4), let dead = reply.int(at: 5)
+        else {
+            throw LimiterError(code: .unexpectedReply, message: "unexpected reply from the admission script: \(reply)")
+        }
+        self.status = status
+        self.count = count
+        self.limit = limit
+        self.now = Int64(now)
+        self.expiredRemoved = expired
+        self.deadRemoved = dead
+        self.extra = reply.strings(from: 6)
+    }
+
+    /// The holders of a denial: member and lease expiry.
+    var holders: [(member: Member, expiry: Int64)] {
+        extra.compactMap { text in
+            guard let bar = text.lastIndex(of: "|"), let member = Member(String(text[..<bar])),
+                let expiry = Int64(text[text.index(after: bar)...])
+            else { return nil }
+            return (member, expiry)
+        }
+    }
+}
+
+extension ConnectionLimiter {
+    /// Asks to open `connection` for `user`.
+    ///
+    /// The connection enters this node's table before the admission script runs, so a concurrent cleanup never
+    /// removes it. A retry with the same connection id is idempotent. On a denial, zombies are cleaned up and the
+    /// admission is retried once before answering.
+    ///
+    /// - Parameters:
+    ///   - user: the application's user id (1 to 256 bytes of UTF-8).
+    ///   - connection: this node's id for the connection (1 to 64 of `A-Z a-z 0-9 _ - .`), unique on the node.
+    ///   - limit: the limit for this user from the caller (e.g. a token claim); a Redis override wins; defaults to
+    ///     the configuration's default.
+    /// - Returns: admitted, or denied with the count, limit, holders and a retry hint.
+    /// - Throws: ``LimiterError`` for invalid input, or ``LimiterError/Code/redisUnavailable`` when Redis is down
+    ///   and the policy is `reject`.
+    public func admit(user rawUser: String, connection: String, limit: Int? = nil) async throws -> AdmissionDecision {
+        let user = try UserID(rawUser)
+        try ConnectionIDs.validate(connection)
+        let limit = limit ?? configuration.defaultLimit
+        guard (0...1_000_000).contains(limit) else {
+            throw LimiterError(code: .invalidLimit, message: "limit \(limit) for user \"\(user)\" must be between 0 and 1000000")
+        }
+        let entry = state.withLock { state -> (added: Bool, node: String, usable: Bool, dead: [String]) in
+            let added = state.table.addPending(connection, user: user, limit: limit)
+            return (added, state.node, state.registered && !state.leaseLost, Array(state.deadNodes))
+        }
+        guard entry.added else {
+            throw LimiterError(code: .invalidConnection, message: "connection id \"\(connection)\" is already in use on this node by another user")
+        }
+        guard entry.usable else {
+            return try fallback(user: user, connection: connection, limit: limit, reason: "node not registered in Redis")
+        }
+        do {
+            var reply = try await runAdmit(user: user, connection: connection, node: entry.node, limit: limit, dead: entry.dead)
+            if reply.status == .denied {
+                reply = try await cleanUpAndRetry(user: user, connection: connection, node: entry.node, limit: limit, denied: reply)
+            }
+            return await finishAdmission(user: user, connection: connection, node: entry.node, reply: reply)
+        } catch let error as RedisError {
+            return try fallback(user: user, connection: connection, limit: limit, reason: error.message)
+        } catch {
+            state.withLock { _ = $0.table.remove(connection) }
+            throw error
+        }
+    }
+
+    /// One admission round trip: the user joins this node's users index, then the script runs (one write).
+    func runAdmit(user: UserID, connection: String, node: String, limit: Int, dead: [String]) async throws -> AdmitReply {
+        let member = Member(node: node, connection: connection).text
+        let arguments = [member, String(limit), String(leaseMilliseconds), policyArgument, configuration.policies.dryRun ? "1" : "0"] + dead
+        let started = clock.now
+        let results = try await redis.pipeline(
+            [
+                .command(RedisCommand("SADD", keys.users(node), user.escaped)),
+                .command(RedisCommand("PEXPIRE", keys.users(node), leaseMilliseconds + nodeTTLMilliseconds)),
+                .script(scripts.admit, keys: keys.userKeys(user), arguments: arguments),
+            ],
+            timeout: configuration.admissionTimeout
+        )
+        metrics.scriptLatency.recordNanoseconds(Int64(started.duration(to: clock.now).milliseconds) * 1_000_000)
+        let reply = try AdmitReply(results[2].get())
+        if reply.expiredRemoved > 0 { metrics.evictedExpired.increment(by: Int64(reply.expiredRemoved)) }
+        if reply.deadRemoved > 0 { metrics.evictedDeadNode.increment(by: Int64(reply.deadRemoved)) }
+        return reply
+    }
+
+    /// Emergency cleanup on a denial: drop this node's stale members, ask other live owners to verify theirs
+    /// (bounded wait), count owners missing from the registry as dead, and retry once.
+    private func cleanUpAndRetry(user: UserID, connection: String, node: String, limit: Int, denied: AdmitReply) async throws -> AdmitReply {
+        let holders = denied.holders.map(\.member)
+        let staleOwn = state.withLock { state in
+            holders.filter { $0.node == node && !state.table.isLive($0.connection) }.map(\.text)
+        }
+        if !staleOwn.isEmpty {
+            let removed =
+                try await redis.eval(
+                    scripts.purge,
+                    keys: [keys.conns(user), keys.since(user)],
+                    arguments: ["members"] + staleOwn,
+                    timeout: configuration.admissionTimeout
+                ).int ?? 0
+            metrics.evictedZombie.increment(by: Int64(removed))
+        }
+        let owners = Set(holders.map(\.node)).subtracting([node])
+        var dead = state.withLock { $0.deadNodes }
+        if !owners.isEmpty {
+            // Read the registry after the holders: an owner missing from it, or expired, is dead for good.
+            let registry = try await redis.send(RedisCommand("ZRANGE", keys.nodes, 0, -1, "WITHSCORES"), timeout: configuration.admissionTimeout)
+            var expiries: [String: Int64] = [:]
+            let flat = registry.array ?? []
+            for pair in stride(from: 0, to: flat.count - 1, by: 2) {
+                if let id = flat[pair].string, let score = flat[pair + 1].string.flatMap({ Double($0) }) { expiries[id] = Int64(score) }
+            }
+            let deadOwners = owners.filter { (expiries[$0] ?? 0) <= denied.now }
+            dead.formUnion(deadOwners)
+            let liveOwners = owners.subtracting(deadOwners)
+            if !liveOwners.isEmpty {
+                await verify(user: user, with: liveOwners, requester: node)
+            }
+        }
+        return try await runAdmit(user: user, connection: connection, node: node, limit: limit, dead: Array(dead))
+    }
+
+    private func finishAdmission(user: UserID, connection: String, node: String, reply: AdmitReply) async -> AdmissionDecision {
+        var log = nodeLogger(node)
+        log[metadataKey: LogKey.user] = .string(user.rawValue)
+        log[metadataKey: LogKey.connection] = .string(connection)
+        switch reply.status {
+        case .denied:
+            state.withLock { _ = $0.table.remove(connection) }
+            metrics.denied.increment()
+            let holders = reply.holders
+            let soonest = holders.map(\.expiry).min().map { $0 - reply.now } ?? 1000
+            let retry = Duration.milliseconds(min(max(soonest, 1000), leaseMilliseconds))
+            log.debug("admission denied", metadata: [LogKey.count: "\(reply.count)", LogKey.limit: "\(reply.limit)"])
+            return .denied(
+                Denial(
+                    user: user.rawValue,
+                    count: reply.count,
+                    limit: reply.limit,
+                    holders: holders.map {
+                        .init(node: $0.member.node, connection: $0.member.connection, leaseRemaining: .milliseconds($0.expiry - reply.now))
+                    },
+                    retryAfter: retry
+                )
+            )
+        case .admitted, .evicted, .alreadyAdmitted, .dryRunOverLimit:
+            let open = state.withLock { state -> Int in
+                state.table.markOpen(connection, node: node)
+                return state.table.openCount
+            }
+            metrics.activeConnections.record(open)
+            if reply.status == .dryRunOverLimit {
+                metrics.dryRunDenied.increment()
+                log.debug(
+                    "dry run: the limit would have denied this connection",
+                    metadata: [LogKey.count: "\(reply.count)", LogKey.limit: "\(reply.limit)"])
+            } else {
+                metrics.admitted.increment()
+            }
+            var evicted: String? = nil
+            if reply.status == .evicted, let text = reply.extra.first, let member = Member(text) {
+                evicted = text
+                metrics.evictedTrimmed.increment()
+                await kick(member, user: user)
+            }
+            return .admitted(
+                Admission(
+                    count: reply.count,
+                    limit: reply.limit,
+                    basis: .redis,
+                    alreadyAdmitted: reply.status == .alreadyAdmitted,
+                    wouldHaveBeenDenied: reply.status == .dryRunOverLimit,
+                    evicted: evicted
+                )
+            )
+        }
+    }
+
+    /// Redis is unreachable (or the node unregistered): apply `onRedisDown`.
+    private func fallback(user: UserID, connection: String, limit: Int, reason: String) throws -> AdmissionDecision {
+        switch configuration.policies.onRedisDown {
+        case .reject:
+            state.withLock { _ = $0.table.remove(connection) }
+            throw LimiterError(
+                code: .redisUnavailable,
+                message:
+                    "Redis at \(redis.configuration.address) is unavailable (\(reason)); connection \(connection) of user \"\(user)\" refused by policy onRedisDown=reject; retry later"
+            )
+        case .local:
+            let decision = state.withLock { state -> (admitted: Bool, count: Int) in
+                let open = state.table.openCount(of: user)
+                if open < limit || configuration.policies.dryRun {
+                    state.table.markOpen(connection, node: nil)
+                    return (true, open + 1)
+                }
+                _ = state.table.remove(connection)
+                return (false, open)
+            }
+            nodeLogger(nodeID).debug("admission by local count", metadata: [LogKey.user: "\(user)", LogKey.error: "\(reason)"])
+            if decision.admitted {
+                metrics.admittedLocal.increment()
+                return .admitted(
+                    Admission(
+                        count: decision.count, limit: limit, basis: .localFallback, alreadyAdmitted: false, wouldHaveBeenDenied: false, evicted: nil))
+            }
+            metrics.denied.increment()
+            return .denied(Denial(user: user.rawValue, count: decision.count, limit: limit, holders: [], retryAfter: configuration.heartbeat.nodeTTL))
+        }
+    }
+
+    // MARK: Release
+
+    /// Releases `connection` (call when its socket closed). Unknown ids are ignored. A release Redis does not
+    /// confirm is retried in the background; the lease is the backstop.
+    public func release(connection: String) async {
+        guard let entry = state.withLock({ $0.table.markReleasing(connection) }) else { return }
+        guard let node = entry.node else {
+            finishRelease(connection)
+            return
+        }
+        do {
+            try await redis.eval(
+                scripts.release,
+                keys: [keys.conns(entry.user), keys.since(entry.user)],
+                arguments: [Member(node: node, connection: connection).text],
+                timeout: configuration.admissionTimeout
+            )
+            await finishRelease(connection, node: node)
+        } catch {
+            state.withLock { _ = $0.releaseRetries.insert(connection) }
+            nodeLogger(node).debug("release failed; will retry", metadata: [LogKey.connection: "\(connection)", LogKey.error: "\(error)"])
+        }
+    }
+
+    private func finishRelease(_ connection: String, node: String) async {
+        guard let (entry, last) = state.withLock({ $0.table.remove(connection) }) else { return }
+        metrics.activeConnections.record(localConnectionCount)
+        if last {
+            _ = try? await redis.send(RedisCommand("SREM", keys.users(node), entry.user.escaped), timeout: configuration.admissionTimeout)
+        }
+    }
+
+    private func finishRelease(_ connection: String) {
+        state.withLock { _ = $0.table.remove(connection) }
+        metrics.activeConnections.record(localConnectionCount)
+    }
+
+    /// Retries failed releases every second.
+    func releaseRetryLoop() async {
+        while await pause(.seconds(1)) {
+            let pending = state.withLock { state -> [(String, LocalTable.Connection)] in
+                let ids = state.releaseRetries
+                state.releaseRetries = []
+                return ids.compactMap { id in state.table.connection(id).map { (id, $0) } }
+            }
+            for (id, entry) in pending {
+                guard let node = entry.node else {
+                    finishRelease(id)
+                    continue
+                }
+                do {
+                    try await redis.eval(
+                        scripts.release,
+                        keys: [keys.conns(entry.user), keys.since(entry.user)],
+                        arguments: [Member(node: node, connection: id).text],
+                        timeout: configuration.admissionTimeout
+                    )
+                    await finishRelease(id, node: node)
+                } catch {
+                    state.withLock { _ = $0.releaseRetries.insert(id) }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,123 @@
+import Logging
+import Metrics
+import RedisClient
+import Synchronization
+
+extension ConnectionLimiter {
+    /// Listens on this node's control channel (`P:node:<node>:ctl`) for `verify`, `ack` and `kick`, and moves to the
+    /// new channel when the node re-registers.
+    func controlLoop() async {
+        while !Task.isCancelled {
+            let node = nodeID
+            let subscription: RedisSubscription
+            do {
+                subscription = try await redis.subscribe(to: [keys.control(node)])
+            } catch {
+                guard await pause(configuration.heartbeat.interval) else { return }
+                continue
+            }
+            let stale = state.withLock { state -> Bool in
+                state.subscription = subscription
+                state.listeningAs = node
+                return state.node != node
+            }
+            if stale {
+                subscription.unsubscribe()
+                continue
+            }
+            await withTaskCancellationHandler {
+                for await message in subscription {
+                    await handleControl(message.string, node: node)
+                }
+            } onCancel: {
+                subscription.unsubscribe()
+            }
+            state.withLock { state in
+                if state.listeningAs == node { state.listeningAs = nil }
+            }
+        }
+    }
+
+    private func handleControl(_ text: String, node: String) async {
+        let parts = text.split(separator: " ", maxSplits: 3, omittingEmptySubsequences: false).map(String.init)
+        switch parts.first {
+        case "verify" where parts.count == 4:
+            guard let user = UserID(escaped: parts[3]) else { return }
+            await verifyOwn(user: user, node: node)
+            _ = try? await redis.publish("ack \(parts[1]) \(node)", to: keys.control(parts[2]))
+        case "ack" where parts.count >= 3:
+            acknowledge(request: parts[1], from: parts[2])
+        case "kick" where parts.count >= 2:
+            let connection = parts[1]
+            guard let (entry, _) = state.withLock({ $0.table.remove(connection) }) else { return }
+            metrics.evictedKicked.increment()
+            let reason: LimiterEvent.KickReason = parts.count >= 3 && parts[2] == "operator" ? .operatorRequest : .evicted
+            emit(.kick(connection: connection, user: entry.user.rawValue, reason: reason))
+        default:
+            nodeLogger(node).debug("ignored control message", metadata: ["fleetgate.message": "\(text.prefix(100))"])
+        }
+    }
+
+    /// Removes this node's members of `user` that are not pending or open here (zombies).
+    func verifyOwn(user: UserID, node: String) async {
+        do {
+            let members = try await redis.send(RedisCommand("ZRANGE", keys.conns(user), 0, -1)).array ?? []
+            let stale = state.withLock { state in
+                members.compactMap(\.string).compactMap(Member.init).filter { $0.node == node && !state.table.isLive($0.connection) }.map(\.text)
+            }
+            guard !stale.isEmpty else { return }
+            let removed = try await redis.eval(scripts.purge, keys: [keys.conns(user), keys.since(user)], arguments: ["members"] + stale).int ?? 0
+            metrics.evictedZombie.increment(by: Int64(removed))
+        } catch {
+            nodeLogger(node).debug("verify failed", metadata: [LogKey.user: "\(user)", LogKey.error: "\(error)"])
+        }
+    }
+
+    /// Asks `owners` to verify their entries of `user` and waits for their acks, at most `verifyTimeout`.
+    func verify(user: UserID, with owners: Set<String>, requester: String) async {
+        let request = ConnectionIDs.random(length: 10)
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask {
+                await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                    self.state.withLock { $0.verifications[request] = Verification(waiting: owners, continuation: continuation) }
+                }
+            }
+            group.addTask {
+                for owner in owners {
+                    _ = try? await self.redis.publish("verify \(request) \(requester) \(user.escaped)", to: self.keys.control(owner))
+                }
+                try? await Task.sleep(for: self.configuration.verifyTimeout)
+            }
+            await group.next()
+            let waiter = state.withLock { $0.verifications.removeValue(forKey: request) }
+            waiter?.continuation.resume()
+            group.cancelAll()
+        }
+    }
+
+    private func acknowledge(request: String, from node: String) {
+        let done = state.withLock { state -> CheckedContinuation<Void, Never>? in
+            guard var verification = state.verifications[request] else { return nil }
+            verification.waiting.remove(node)
+            if verification.waiting.isEmpty {
+                state.verifications[request] = nil
+                return verification.continuation
+            }
+            state.verifications[request] = verification
+            return nil
+        }
+        done?.resume()
+    }
+
+    /// Tells the owner of `member` to close it (evict-oldest, operator kick); a local one is announced directly.
+    func kick(_ member: Member, user: UserID, reason: LimiterEvent.KickReason = .evicted) async {
+        if member.node == nodeID {
+            guard state.withLock({ $0.table.remove(member.connection) }) != nil else { return }
+            metrics.evictedKicked.increment()
+            emit(.kick(connection: member.connection, user: user.rawValue, reason: reason))
+        } else {
+            let word = reason == .operatorRequest ? "operator" : "evicted"
+            _ = try? await redis.publish("kick \(member.connection) \(word)", to: keys.control(member.node))
+        }
+    }
+}

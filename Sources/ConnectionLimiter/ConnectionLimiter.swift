@@ -1,0 +1,195 @@
+import Logging
+import Metrics
+import RedisClient
+import ServiceLifecycle
+import Synchronization
+
+/// Fleet-wide per-user connection limits: one node of a gateway fleet.
+///
+/// Admission is one atomic Lua script in Redis; every entry is a lease the node keeps alive; dead nodes are swept;
+/// a denial first cleans up zombies (this node's stale entries, other nodes' after a `verify`, dead nodes' entries)
+/// and retries once. The limiter is a swift-service-lifecycle `Service`: it registers its node when ``run()``
+/// starts, and a graceful shutdown releases every entry and deregisters the node. Cancellation stops it abruptly,
+/// like a crash: peers sweep its entries within the node TTL.
+///
+/// ```swift
+/// let limiter = ConnectionLimiter(redis: redis, configuration: .init(), logger: logger)
+/// // in a ServiceGroup after the Redis client, or: group.addTask { try await limiter.run() }
+/// switch try await limiter.admit(user: "alice", connection: "c1") {
+/// case .admitted: ...              // open the socket; later: await limiter.release(connection: "c1")
+/// case .denied(let denial): ...    // answer 429 with denial.description
+/// }
+/// ```
+public final class ConnectionLimiter: Service, Sendable {
+    struct Verification: Sendable {
+        var waiting: Set<String>
+        var continuation: CheckedContinuation<Void, Never>
+    }
+
+    struct State: Sendable {
+        /// The current node incarnation id.
+        var node: String
+        var registered = false
+        /// When this node's lease may have run out (monotonic clock, counted from the sending of the last good heartbeat).
+        var leaseDeadline: ContinuousClock.Instant?
+        var leaseLost = false
+        var fenced = false
+        var redisDown = false
+        /// Nodes whose lease expired (they never come back); their members can be dropped at admission.
+        var deadNodes: Set<String> = []
+        var table = LocalTable()
+        /// Connections whose release failed, to retry.
+        var releaseRetries: Set<String> = []
+        var verifications: [String: Verification] = [:]
+        var subscription: RedisSubscription?
+        /// The node id whose control channel is subscribed.
+        var listeningAs: String?
+        var stopRequested = false
+        var stopWaiter: CheckedContinuation<Void, Never>?
+        var startedAt = ContinuousClock.now
+    }
+
+    /// The configuration the limiter was created with.
+    public let configuration: LimiterConfiguration
+    let redis: RedisClient
+    let logger: Logger
+    let keys: LimiterKeys
+    let scripts = LimiterScripts.shared
+    let metrics: LimiterMetrics
+    let state: Mutex<State>
+    let clock = ContinuousClock()
+    private let eventStream: AsyncStream<LimiterEvent>
+    let eventContinuation: AsyncStream<LimiterEvent>.Continuation
+
+    /// Creates a limiter node on top of a Redis client (which must be running too). It registers when ``run()`` starts.
+    public init(redis: RedisClient, configuration: LimiterConfiguration = .init(), logger: Logger = Logger(label: "fleetgate.limiter")) {
+        self.redis = redis
+        self.configuration = configuration
+        self.keys = LimiterKeys(prefix: configuration.keyPrefix)
+        self.metrics = LimiterMetrics(factory: configuration.metricsFactory)
+        self.state = Mutex(State(node: ConnectionIDs.random(length: 8)))
+        self.logger = logger
+        (eventStream, eventContinuation) = AsyncStream.makeStream(bufferingPolicy: .unbounded)
+    }
+
+    /// What the gateway must act on: kicks, lease loss, fencing, Redis down and back. One consumer.
+    public var events: AsyncStream<LimiterEvent> { eventStream }
+
+    /// The current node incarnation id (it changes when the node re-registers after losing its lease).
+    public var nodeID: String { state.withLock { $0.node } }
+
+    /// Whether the node is registered in Redis, its lease is current and it listens on its control channel (for
+    /// readiness checks: only then can other nodes ask it to verify or close connections).
+    public var isRegistered: Bool {
+        state.withLock { $0.registered && !$0.leaseLost && $0.listeningAs == $0.node }
+    }
+
+    /// Connections open on this node.
+    public var localConnectionCount: Int { state.withLock { $0.table.openCount } }
+
+    /// A new random connection id (12 base62 characters) for gateways that have none of their own.
+    public static func makeConnectionID() -> String { ConnectionIDs.random(length: 12) }
+
+    var nodeTTLMilliseconds: Int64 { configuration.heartbeat.nodeTTL.milliseconds }
+    var leaseMilliseconds: Int64 { configuration.lease.ttl.milliseconds }
+    var policyArgument: String { configuration.policies.overflow == .evictOldest ? "evict" : "reject" }
+
+    func emit(_ event: LimiterEvent) {
+        eventContinuation.yield(event)
+    }
+
+    func nodeLogger(_ node: String) -> Logger {
+        var logger = logger
+        logger[metadataKey: LogKey.node] = .string(node)
+        return logger
+    }
+
+    // MARK: Life cycle
+
+    /// Registers the node, then heartbeats, renews leases, sweeps dead nodes and answers control messages until a
+    /// graceful shutdown (which releases every entry and deregisters) or cancellation (which just stops).
+    public func run() async throws {
+        try configuration.validate()
+        await withGracefulShutdownHandler {
+            await withDiscardingTaskGroup { group in
+                group.addTask { await self.heartbeatLoop() }
+                group.addTask { await self.leaseMonitorLoop() }
+                group.addTask { await self.renewalLoop() }
+                group.addTask { await self.releaseRetryLoop() }
+                group.addTask { await self.controlLoop() }
+                await self.waitForStop()
+                group.cancelAll()
+            }
+        } onGracefulShutdown: {
+            self.shutdownGracefully()
+        }
+        let graceful = state.withLock { $0.stopRequested }
+        if graceful && !Task.isCancelled { await drain() }
+        eventContinuation.finish()
+    }
+
+    /// Ends ``run()`` gracefully: every entry of this node is released and the node deregistered.
+    public func shutdownGracefully() {
+        let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+            state.stopRequested = true
+            defer { state.stopWaiter = nil }
+            return state.stopWaiter
+        }
+        waiter?.resume()
+    }
+
+    private func waitForStop() async {
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let stopNow = state.withLock { state -> Bool in
+                    if state.stopRequested || Task.isCancelled { return true }
+                    state.stopWaiter = continuation
+                    return false
+                }
+                if stopNow { continuation.resume() }
+            }
+        } onCancel: {
+            let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+                defer { state.stopWaiter = nil }
+                return state.stopWaiter
+            }
+            waiter?.resume()
+        }
+    }
+
+    /// Releases every entry of this node and removes the node from the registry.
+    private func drain() async {
+        let (node, registered, connections) = state.withLock { state in
+            (state.node, state.registered, state.table.connections.filter { $0.value.node != nil })
+        }
+        guard registered else { return }
+        var steps: [PipelineStep] = connections.map { id, connection in
+            .script(scripts.release, keys: [keys.conns(connection.user), keys.since(connection.user)], arguments: ["\(connection.node!):\(id)"])
+        }
+        steps += [
+            .command(RedisCommand("DEL", keys.users(node), keys.node(node))),
+            .command(RedisCommand("ZREM", keys.nodes, node)),
+        ]
+        do {
+            _ = try await redis.pipeline(steps, timeout: .seconds(5))
+            nodeLogger(node).info("node drained and deregistered", metadata: ["fleetgate.released": "\(connections.count)"])
+        } catch {
+            nodeLogger(node).info("drain failed; entries will expire with their leases", metadata: [LogKey.error: "\(error)"])
+        }
+        state.withLock { state in
+            state.registered = false
+            for id in connections.keys { state.table.remove(id) }
+        }
+        metrics.activeConnections.record(0)
+    }
+
+    /// Sleeps `duration`; `false` when cancelled.
+    func pause(_ duration: Duration) async -> Bool {
+        do {
+            try await Task.sleep(for: duration)
+            return true
+        } catch {
+            return false
+        }
+    }
+}

@@ -1,0 +1,42 @@
+/// An error from the limiter: what happened, for which user or node, and what to do.
+public struct LimiterError: Error, Sendable, CustomStringConvertible {
+    /// The kind of failure; compare with the static members (new codes may be added).
+    public struct Code: Hashable, Sendable, CustomStringConvertible {
+        private enum Base: String, Hashable, Sendable {
+            case invalidUser, invalidConnection, invalidLimit, redisUnavailable, notRunning, unexpectedReply
+        }
+        private let base: Base
+        private init(_ base: Base) { self.base = base }
+
+        /// The user id is empty or longer than 256 bytes.
+        public static let invalidUser = Code(.invalidUser)
+        /// The connection id is empty, too long, or has characters outside `A-Z a-z 0-9 _ - .`.
+        public static let invalidConnection = Code(.invalidConnection)
+        /// A limit is negative or too large.
+        public static let invalidLimit = Code(.invalidLimit)
+        /// Redis could not be reached and the policy is `reject` (or the call needs Redis).
+        public static let redisUnavailable = Code(.redisUnavailable)
+        /// The limiter has not registered its node yet, or has shut down.
+        public static let notRunning = Code(.notRunning)
+        /// Redis answered something the limiter did not expect (a script/key layout mismatch).
+        public static let unexpectedReply = Code(.unexpectedReply)
+
+        public var description: String { base.rawValue }
+    }
+
+    /// The kind of failure.
+    public var code: Code
+    /// A sentence naming the user, node or key involved.
+    public var message: String
+    /// The underlying error, when there is one.
+    public var underlying: (any Error)?
+
+    /// Creates an error.
+    public init(code: Code, message: String, underlying: (any Error)? = nil) {
+        self.code = code
+        self.message = message
+        self.underlying = underlying
+    }
+
+    public var description: String { "LimiterError(\(code)): \(message)" }
+}

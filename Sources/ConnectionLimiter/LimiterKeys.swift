@@ -1,0 +1,47 @@
+/// The Redis key layout (see DESIGN.md, "Data model in Redis"). Every key of one user shares the hash tag
+/// `{u:<user>}`, so each per-user script touches a single Redis Cluster slot.
+struct LimiterKeys: Sendable {
+    let prefix: String
+
+    func conns(_ user: UserID) -> String { "\(prefix):{u:\(user.escaped)}:conns" }
+    func since(_ user: UserID) -> String { "\(prefix):{u:\(user.escaped)}:since" }
+    func limit(_ user: UserID) -> String { "\(prefix):{u:\(user.escaped)}:limit" }
+    /// The three keys every per-user script takes, in script order (conns, limit, since).
+    func userKeys(_ user: UserID) -> [String] { [conns(user), limit(user), since(user)] }
+
+    var nodes: String { "\(prefix):nodes" }
+    var sweeper: String { "\(prefix):sweeper" }
+    func node(_ node: String) -> String { "\(prefix):node:\(node)" }
+    func users(_ node: String) -> String { "\(prefix):{n:\(node)}:users" }
+    func control(_ node: String) -> String { "\(prefix):node:\(node):ctl" }
+
+    /// The pattern matching every user's connection set, for operator scans.
+    var allConnsPattern: String { "\(prefix):{u:*}:conns" }
+
+    /// The user of a `…:{u:<user>}:conns` key.
+    func user(fromConnsKey key: String) -> UserID? {
+        let head = "\(prefix):{u:"
+        let tail = "}:conns"
+        guard key.hasPrefix(head), key.hasSuffix(tail) else { return nil }
+        return UserID(escaped: String(key.dropFirst(head.count).dropLast(tail.count)))
+    }
+}
+
+/// A member of a user's set: `<node>:<connection>`.
+struct Member: Hashable, Sendable {
+    var node: String
+    var connection: String
+
+    var text: String { "\(node):\(connection)" }
+
+    init(node: String, connection: String) {
+        self.node = node
+        self.connection = connection
+    }
+
+    init?(_ text: String) {
+        guard let colon = text.firstIndex(of: ":") else { return nil }
+        node = String(text[..<colon])
+        connection = String(text[text.index(after: colon)...])
+    }
+}

@@ -1,0 +1,90 @@
+#!lua
+-- Admit one connection of one user, atomically.
+--
+-- KEYS[1]  P:{u:<user>}:conns   ZSET member "<node>:<conn>", score = lease expiry (ms, Redis clock)
+-- KEYS[2]  P:{u:<user>}:limit   STRING optional per-user override of the limit
+-- KEYS[3]  P:{u:<user>}:since   ZSET member -> admission time (ms); maintained only with ARGV[4] = "evict"
+-- ARGV[1]  member "<node>:<conn>"
+-- ARGV[2]  limit to apply when KEYS[2] is absent (the caller's default or token claim)
+-- ARGV[3]  lease TTL in ms
+-- ARGV[4]  overflow policy: "reject" or "evict" (evict the oldest admitted entry)
+-- ARGV[5]  "1" = dry run: always admit, report what the limit would have decided
+-- ARGV[6…] node ids the caller knows are dead; their members are dropped when the user is at the limit
+--
+-- Returns {status, count, limit, now, expiredRemoved, deadRemoved, extra…}
+--   status 1 = admitted, 2 = admitted after evicting the oldest (extra[1] = evicted member),
+--          3 = already admitted (lease refreshed), 0 = denied (extra = current holders, "<member>|<expiry ms>")
+--          4 = dry run: admitted although the limit would have denied
+-- Run by hand: redis-cli --eval admit.lua fg:{u:alice}:conns fg:{u:alice}:limit fg:{u:alice}:since , n1:c1 20 30000 reject 0
+local conns, limitKey, sinceKey = KEYS[1], KEYS[2], KEYS[3]
+local member, ttl, policy, dryRun = ARGV[1], tonumber(ARGV[3]), ARGV[4], ARGV[5] == "1"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local expiry = now + ttl
+
+local expired = redis.call('ZREMRANGEBYSCORE', conns, '-inf', now)
+if expired > 0 and policy == "evict" then
+  -- Keep "since" to the members still present (it is small: at most the limit).
+  for _, m in ipairs(redis.call('ZRANGE', sinceKey, 0, -1)) do
+    if not redis.call('ZSCORE', conns, m) then redis.call('ZREM', sinceKey, m) end
+  end
+end
+
+local limit = tonumber(redis.call('GET', limitKey) or ARGV[2]) or tonumber(ARGV[2])
+
+if redis.call('ZSCORE', conns, member) then
+  redis.call('ZADD', conns, expiry, member)
+  redis.call('PEXPIRE', conns, ttl)
+  return {3, redis.call('ZCARD', conns), limit, now, expired, 0}
+end
+
+local count = redis.call('ZCARD', conns)
+local deadRemoved = 0
+if count >= limit and #ARGV > 5 then
+  local dead = {}
+  for i = 6, #ARGV do dead[ARGV[i]] = true end
+  for _, m in ipairs(redis.call('ZRANGE', conns, 0, -1)) do
+    local node = string.match(m, '^([^:]*):')
+    if node and dead[node] then
+      redis.call('ZREM', conns, m)
+      if policy == "evict" then redis.call('ZREM', sinceKey, m) end
+      deadRemoved = deadRemoved + 1
+    end
+  end
+  count = count - deadRemoved
+end
+
+local function add()
+  redis.call('ZADD', conns, expiry, member)
+  redis.call('PEXPIRE', conns, ttl)
+  if policy == "evict" then
+    redis.call('ZADD', sinceKey, now, member)
+    redis.call('PEXPIRE', sinceKey, ttl)
+  end
+end
+
+if count < limit then
+  add()
+  return {1, count + 1, limit, now, expired, deadRemoved}
+end
+if dryRun then
+  add()
+  return {4, count + 1, limit, now, expired, deadRemoved}
+end
+if policy == "evict" and limit > 0 then
+  local oldest = redis.call('ZRANGE', sinceKey, 0, 0)[1]
+  if not oldest then
+    -- No admission times (entries written under the reject policy): evict the entry whose lease ends first.
+    oldest = redis.call('ZRANGE', conns, 0, 0)[1]
+  end
+  redis.call('ZREM', conns, oldest)
+  redis.call('ZREM', sinceKey, oldest)
+  add()
+  return {2, count, limit, now, expired, deadRemoved, oldest}
+end
+local result = {0, count, limit, now, expired, deadRemoved}
+local holders = redis.call('ZRANGE', conns, 0, -1, 'WITHSCORES')
+for i = 1, #holders, 2 do
+  result[#result + 1] = holders[i] .. '|' .. holders[i + 1]
+end
+return result

@@ -1,0 +1,32 @@
+#!lua
+-- A node's heartbeat. Never revives an expired or missing node: it must re-register under a new id.
+--
+-- KEYS[1]  P:nodes   ZSET member <node>, score = node lease expiry (ms, Redis clock)
+-- ARGV[1]  node id
+-- ARGV[2]  node TTL in ms
+-- ARGV[3]  "register" to add the node (a new incarnation), "beat" to extend an existing lease
+--
+-- Returns {status, now, expired node ids…}: status 1 = lease extended (or registered), 0 = unknown node,
+-- -1 = lease expired. The expired ids (at most 1000) are nodes whose lease ran out and are not swept yet.
+-- Run by hand: redis-cli --eval heartbeat.lua fg:nodes , k3Xq9aZ2 5000 register
+local nodes, node, ttl = KEYS[1], ARGV[1], tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local status = 1
+if ARGV[3] == "register" then
+  if redis.call('ZADD', nodes, 'NX', now + ttl, node) == 0 then status = 0 end
+else
+  local score = redis.call('ZSCORE', nodes, node)
+  if not score then
+    status = 0
+  elseif tonumber(score) <= now then
+    status = -1
+  else
+    redis.call('ZADD', nodes, 'XX', now + ttl, node)
+  end
+end
+local result = {status, now}
+for _, dead in ipairs(redis.call('ZRANGEBYSCORE', nodes, '-inf', now, 'LIMIT', 0, 1000)) do
+  result[#result + 1] = dead
+end
+return result

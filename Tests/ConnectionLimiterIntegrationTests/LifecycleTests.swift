@@ -1,0 +1,103 @@
+import ConnectionLimiter
+import RedisClient
+import TestSupport
+import Testing
+
+@Suite("Node life cycle: crashes, Redis restarts, exhaustion and recovery")
+struct LifecycleTests {
+    @Test("a crashed node's entries are gone within 30 s (default 1 s heartbeat, 5 s node TTL)")
+    func crashedNodeIsSwept() async throws {
+        let server = try await SharedRedisServer.get()
+        var configuration = testConfiguration()
+        configuration.heartbeat = .init()  // the product defaults: 1 s heartbeat, 5 s node TTL,
+        configuration.lease = .init()  // 30 s leases renewed every 10 s: only the sweeper can be this fast
+        let survivor = try await LimiterNode.start(server.url, configuration)
+        let victim = try await LimiterNode.start(server.url, configuration)
+        for index in 0..<10 { try await victim.limiter.mustAdmit("user\(index % 3)", "v\(index)") }
+        let victimID = victim.limiter.nodeID
+        try await withClient(server.url) { redis throws in
+            func victimEntries() async throws -> Int {
+                var total = 0
+                for user in 0..<3 {
+                    let members = try await redis.send("ZRANGE", connsKey(configuration, "user\(user)"), 0, -1).array ?? []
+                    total += members.compactMap(\.string).filter { $0.hasPrefix("\(victimID):") }.count
+                }
+                return total
+            }
+            #expect(try await victimEntries() == 10)
+            let clock = ContinuousClock()
+            let crashed = clock.now
+            await victim.crash()
+            let gone = try await eventually(timeout: .seconds(30)) { try await victimEntries() == 0 }
+            let elapsed = crashed.duration(to: clock.now)
+            print("entries of a crashed node gone after \(elapsed) (goal <= 10 s, promise <= 30 s)")
+            #expect(gone)
+            #expect(elapsed < .seconds(30))
+            // Its registry keys are gone too.
+            #expect(try await redis.send("EXISTS", "\(configuration.keyPrefix):node:\(victimID)").int == 0)
+        }
+        await survivor.stop()
+    }
+
+    @Test("after Redis restarts without data, every open connection is back within one renewal interval")
+    func redisRestartWithoutData() async throws {
+        try await RedisServer.withServer { server throws in
+            let configuration = testConfiguration()
+            let a = try await LimiterNode.start(server.url, configuration)
+            let b = try await LimiterNode.start(server.url, configuration)
+            for index in 0..<6 { try await (index < 3 ? a : b).limiter.mustAdmit("frank", "f\(index)") }
+            try await server.restart(keepData: false)
+            let clock = ContinuousClock()
+            let restarted = clock.now
+            let back = try await eventually(timeout: .seconds(10)) {
+                try await withClient(server.url) { redis in try await redis.send("ZCARD", connsKey(configuration, "frank")).int == 6 }
+            }
+            let elapsed = restarted.duration(to: clock.now)
+            print("all entries back \(elapsed) after a Redis restart without data")
+            #expect(back)
+            #expect(elapsed <= configuration.lease.renewInterval + configuration.heartbeat.nodeTTL)
+            #expect(a.limiter.localConnectionCount == 3)
+            #expect(b.limiter.localConnectionCount == 3)
+            await a.stop()
+            await b.stop()
+        }
+    }
+
+    @Test("exhaustion and recovery: after every connection closes the count is 0, and no key is left behind")
+    func noLeakedKeys() async throws {
+        let server = try await SharedRedisServer.get()
+        let configuration = testConfiguration(limit: 5)
+        let nodes = [try await LimiterNode.start(server.url, configuration), try await LimiterNode.start(server.url, configuration)]
+        for round in 0..<3 {
+            for index in 0..<5 { try await nodes[index % 2].limiter.mustAdmit("gina", "g\(round)-\(index)") }
+            let full = try await nodes[0].limiter.admit(user: "gina", connection: "extra\(round)")
+            #expect(!full.isAdmitted)
+            for index in 0..<5 { await nodes[index % 2].limiter.release(connection: "g\(round)-\(index)") }
+            #expect(try await nodes[0].limiter.entries(user: "gina").isEmpty)
+        }
+        for node in nodes { await node.stop() }
+        try await withClient(server.url) { redis throws in
+            let empty = try await eventually(timeout: .seconds(10)) {
+                let keys = try await redis.send("KEYS", "\(configuration.keyPrefix):*").array ?? []
+                return keys.isEmpty
+            }
+            let keys = try await redis.send("KEYS", "\(configuration.keyPrefix):*")
+            #expect(empty, "keys left: \(keys)")
+        }
+    }
+
+    @Test("graceful shutdown releases every entry and deregisters the node at once")
+    func gracefulShutdown() async throws {
+        let server = try await SharedRedisServer.get()
+        let configuration = testConfiguration()
+        let node = try await LimiterNode.start(server.url, configuration)
+        let id = node.limiter.nodeID
+        for index in 0..<4 { try await node.limiter.mustAdmit("hank", "h\(index)") }
+        await node.stop()
+        try await withClient(server.url) { redis throws in
+            #expect(try await redis.send("ZCARD", connsKey(configuration, "hank")).int == 0)
+            #expect(try await redis.send("ZSCORE", "\(configuration.keyPrefix):nodes", id).isNull)
+            #expect(try await redis.send("EXISTS", "\(configuration.keyPrefix):node:\(id)").int == 0)
+        }
+    }
+}

@@ -1,0 +1,162 @@
+import ConnectionLimiter
+import MetricsTestKit
+import RedisClient
+import TestSupport
+import Testing
+
+@Suite("Limits and policies")
+struct PolicyTests {
+    @Test("a Redis override wins over the default and the per-call limit; clearing it restores them")
+    func overrides() async throws {
+        let server = try await SharedRedisServer.get()
+        let node = try await LimiterNode.start(server.url, testConfiguration(limit: 5))
+        try await node.limiter.setLimitOverride(user: "ivy", to: 2)
+        #expect(try await node.limiter.limitOverride(user: "ivy") == 2)
+        try await node.limiter.mustAdmit("ivy", "i1", limit: 10)
+        try await node.limiter.mustAdmit("ivy", "i2", limit: 10)
+        guard case .denied(let denial) = try await node.limiter.admit(user: "ivy", connection: "i3", limit: 10) else {
+            Issue.record("override did not apply")
+            return
+        }
+        #expect(denial.limit == 2)
+        try await node.limiter.clearLimitOverride(user: "ivy")
+        #expect(try await node.limiter.limitOverride(user: "ivy") == nil)
+        try await node.limiter.mustAdmit("ivy", "i3", limit: 3)
+        #expect(try await node.limiter.admit(user: "ivy", connection: "i4", limit: 3).isAdmitted == false)
+        await #expect(throws: LimiterError.self) { try await node.limiter.setLimitOverride(user: "ivy", to: -1) }
+        await node.stop()
+    }
+
+    @Test("evict-oldest: the oldest connection is removed atomically and its node is told to close it")
+    func evictOldest() async throws {
+        let server = try await SharedRedisServer.get()
+        let configuration = testConfiguration(limit: 2) { $0.policies.overflow = .evictOldest }
+        let a = try await LimiterNode.start(server.url, configuration)
+        let b = try await LimiterNode.start(server.url, configuration)
+        var events = a.limiter.events.makeAsyncIterator()
+        try await a.limiter.mustAdmit("jack", "oldest")
+        try await b.limiter.mustAdmit("jack", "middle")
+        let admission = try await b.limiter.mustAdmit("jack", "newest")
+        #expect(admission.evicted == "\(a.limiter.nodeID):oldest")
+        // Node a hears the kick over its control channel.
+        var kicked: LimiterEvent?
+        while let event = await events.next() {
+            if case .kick = event {
+                kicked = event
+                break
+            }
+        }
+        #expect(kicked == .kick(connection: "oldest", user: "jack", reason: .evicted))
+        let entries = try await a.limiter.entries(user: "jack").map(\.connection).sorted()
+        #expect(entries == ["middle", "newest"])
+        #expect(a.limiter.localConnectionCount == 0)
+        await a.stop()
+        await b.stop()
+    }
+
+    @Test("dry run admits everyone and counts what the limit would have denied")
+    func dryRun() async throws {
+        let server = try await SharedRedisServer.get()
+        let metrics = TestMetrics()
+        let configuration = testConfiguration(limit: 1) {
+            $0.policies.dryRun = true
+            $0.metricsFactory = metrics
+        }
+        let node = try await LimiterNode.start(server.url, configuration)
+        let first = try await node.limiter.mustAdmit("kate", "k1")
+        let second = try await node.limiter.mustAdmit("kate", "k2")
+        #expect(!first.wouldHaveBeenDenied)
+        #expect(second.wouldHaveBeenDenied)
+        #expect(second.count == 2)
+        let wouldDeny = try metrics.expectCounter("fleetgate_admissions_total", [("result", "dry_run_denied")])
+        #expect(wouldDeny.totalValue == 1)
+        let admitted = try metrics.expectCounter("fleetgate_admissions_total", [("result", "admitted")])
+        #expect(admitted.totalValue == 1)
+        await node.stop()
+    }
+
+    @Test("Redis down with onRedisDown=local admits up to the limit by this node's count; with reject, refuses clearly")
+    func redisDown() async throws {
+        try await RedisServer.withServer { server throws in
+            let proxy = try await TCPProxy.start(upstreamPort: server.port)
+            let local = try await LimiterNode.start(proxy.url, testConfiguration(limit: 2))
+            let strict = try await LimiterNode.start(proxy.url, testConfiguration(limit: 2) { $0.policies.onRedisDown = .reject })
+            proxy.cut()
+            let first = try await local.limiter.mustAdmit("liam", "l1")
+            #expect(first.basis == .localFallback)
+            try await local.limiter.mustAdmit("liam", "l2")
+            #expect(try await local.limiter.admit(user: "liam", connection: "l3").isAdmitted == false)
+            let error = await #expect(throws: LimiterError.self) { try await strict.limiter.admit(user: "liam", connection: "s1") }
+            #expect(error?.code == .redisUnavailable)
+            #expect(error?.message.contains("liam") == true)
+            #expect(error?.message.contains(proxy.address) == true)
+            // Back up: the renewal registers the locally admitted connections in Redis.
+            proxy.restore()
+            let synced = await eventually(timeout: .seconds(10)) { (try? await local.limiter.entries(user: "liam").count) == 2 }
+            #expect(synced)
+            await local.stop()
+            await strict.stop()
+            await proxy.stop()
+        }
+    }
+
+    @Test("odd user ids stay in their own keys; empty and oversized ids are refused, never truncated")
+    func userIDs() async throws {
+        let server = try await SharedRedisServer.get()
+        let node = try await LimiterNode.start(server.url, testConfiguration(limit: 1))
+        let odd = ["a{b}c", "}{", "with space", "emoji 🚀", "tab\there", "100%", "%7B", String(repeating: "é", count: 128)]
+        for (index, user) in odd.enumerated() {
+            try await node.limiter.mustAdmit(user, "o\(index)")
+        }
+        for (index, user) in odd.enumerated() {
+            #expect(try await node.limiter.entries(user: user).map(\.connection) == ["o\(index)"], "user \(user)")
+        }
+        for bad in ["", String(repeating: "x", count: 257)] {
+            let error = await #expect(throws: LimiterError.self) { try await node.limiter.admit(user: bad, connection: "x") }
+            #expect(error?.code == .invalidUser)
+        }
+        let badConnection = await #expect(throws: LimiterError.self) { try await node.limiter.admit(user: "u", connection: "has:colon") }
+        #expect(badConnection?.code == .invalidConnection)
+        await node.stop()
+    }
+
+    @Test("a node cut off from Redis for longer than its TTL fences (policy close) before its lease can run out")
+    func leaseLossFencing() async throws {
+        try await RedisServer.withServer { server throws in
+            let proxy = try await TCPProxy.start(upstreamPort: server.port)
+            let configuration = testConfiguration { $0.policies.onLeaseLoss = .close }
+            let isolated = try await LimiterNode.start(proxy.url, configuration)
+            let peer = try await LimiterNode.start(server.url, configuration)
+            try await isolated.limiter.mustAdmit("mia", "m1")
+            try await peer.limiter.mustAdmit("mia", "m2")
+            var events = isolated.limiter.events.makeAsyncIterator()
+            let clock = ContinuousClock()
+            proxy.stall()
+            let cut = clock.now
+            var fencedAfter: Duration?
+            var lost = false
+            while let event = await events.next() {
+                if case .fenced = event { fencedAfter = cut.duration(to: clock.now) }
+                if case .leaseLost = event {
+                    lost = true
+                    break
+                }
+            }
+            let fenced = try #require(fencedAfter, "no fencing event")
+            print("fenced \(fenced) after the link was cut (node TTL \(configuration.heartbeat.nodeTTL))")
+            #expect(fenced < configuration.heartbeat.nodeTTL)
+            #expect(lost)
+            // The peer's link is direct: it keeps working and eventually sweeps the isolated node's entry.
+            let swept = await eventually(timeout: .seconds(10)) {
+                (try? await peer.limiter.entries(user: "mia").map(\.connection)) == ["m2"]
+            }
+            #expect(swept)
+            proxy.restore()
+            let back = await eventually(timeout: .seconds(10)) { isolated.limiter.isRegistered }
+            #expect(back)
+            await isolated.stop()
+            await peer.stop()
+            await proxy.stop()
+        }
+    }
+}

@@ -1,0 +1,104 @@
+import ConnectionLimiter
+import Logging
+import RedisClient
+import TestSupport
+import Testing
+
+/// One limiter node with its own Redis client (its own connection), as a separate gateway process would have.
+final class LimiterNode: Sendable {
+    let client: RedisClient
+    let limiter: ConnectionLimiter
+    let task: Task<Void, Never>
+
+    init(url: String, configuration: LimiterConfiguration) throws {
+        var redisConfiguration = try RedisClientConfiguration(url: url)
+        redisConfiguration.commandTimeout = .seconds(2)
+        redisConfiguration.reconnectBackoff = .init(initialDelay: .milliseconds(20), maximumDelay: .milliseconds(200))
+        let client = RedisClient(configuration: redisConfiguration, logger: Logger(label: "test.redis"))
+        let limiter = ConnectionLimiter(redis: client, configuration: configuration, logger: Logger(label: "test.limiter"))
+        self.client = client
+        self.limiter = limiter
+        task = Task {
+            await withDiscardingTaskGroup { group in
+                group.addTask { try? await client.run() }
+                try? await limiter.run()
+                group.cancelAll()
+            }
+        }
+    }
+
+    /// Starts a node and waits until it is registered.
+    static func start(_ url: String, _ configuration: LimiterConfiguration) async throws -> LimiterNode {
+        let node = try LimiterNode(url: url, configuration: configuration)
+        let registered = await eventually { node.limiter.isRegistered }
+        try #require(registered, "limiter node did not register at \(url)")
+        return node
+    }
+
+    /// Graceful shutdown: releases and deregisters, then stops the client.
+    func stop() async {
+        limiter.shutdownGracefully()
+        await task.value
+    }
+
+    /// A crash: no release, no deregistration.
+    func crash() async {
+        task.cancel()
+        await task.value
+    }
+}
+
+/// A limiter configuration for tests: a unique key prefix and short timings (1 s node TTL, 3 s leases).
+func testConfiguration(prefix: String = uniqueKeyPrefix(), limit: Int = 20, _ adjust: (inout LimiterConfiguration) -> Void = { _ in })
+    -> LimiterConfiguration
+{
+    var configuration = LimiterConfiguration(nodeName: "test")
+    configuration.keyPrefix = String(prefix.dropLast())
+    configuration.defaultLimit = limit
+    configuration.heartbeat.interval = .milliseconds(200)
+    configuration.heartbeat.nodeTTL = .seconds(1)
+    configuration.lease.ttl = .seconds(3)
+    configuration.lease.renewInterval = .seconds(1)
+    adjust(&configuration)
+    return configuration
+}
+
+/// Polls `condition` every 10 ms until it holds or `timeout` passes (for states no event announces).
+func eventually(timeout: Duration = .seconds(10), _ condition: () async throws -> Bool) async rethrows -> Bool {
+    let deadline = ContinuousClock.now + timeout
+    while ContinuousClock.now < deadline {
+        if try await condition() { return true }
+        try? await Task.sleep(for: .milliseconds(10))
+    }
+    return try await condition()
+}
+
+/// Runs `body` with a plain client (for inspecting and seeding Redis directly).
+func withClient<T: Sendable>(_ url: String, _ body: (RedisClient) async throws -> T) async throws -> T {
+    let client = RedisClient(configuration: try RedisClientConfiguration(url: url))
+    return try await withThrowingTaskGroup(of: Void.self) { group in
+        group.addTask { try await client.run() }
+        defer { group.cancelAll() }
+        return try await body(client)
+    }
+}
+
+extension ConnectionLimiter {
+    /// Admits and expects admission.
+    @discardableResult
+    func mustAdmit(_ user: String, _ connection: String, limit: Int? = nil, sourceLocation: SourceLocation = #_sourceLocation) async throws
+        -> Admission
+    {
+        let decision = try await admit(user: user, connection: connection, limit: limit)
+        guard case .admitted(let admission) = decision else {
+            Issue.record("\(connection) of \(user) was denied: \(decision)", sourceLocation: sourceLocation)
+            throw LimiterError(code: .unexpectedReply, message: "denied")
+        }
+        return admission
+    }
+}
+
+/// The key of a user's connection set for a test prefix (`t:abc:` → `t:abc:{u:alice}:conns`).
+func connsKey(_ configuration: LimiterConfiguration, _ user: String) -> String {
+    "\(configuration.keyPrefix):{u:\(user)}:conns"
+}
