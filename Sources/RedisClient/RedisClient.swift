@@ -34,7 +34,7 @@ public final class RedisClient: Sendable, Service {
         self.pubSub = router
         self.pubSubConnection = RedisConnection(
             configuration: configuration,
-            mode: .pubSub(onPush: { router.push($0) }, onReady: { router.connected($0) }),
+            mode: .pubSub(onPush: { [weak router] in router?.push($0) }, onReady: { [weak router] in router?.connected($0) }),
             logger: logger
         )
         router.attach(pubSubConnection)
@@ -57,9 +57,7 @@ public final class RedisClient: Sendable, Service {
 
     /// The deadline for a request made now.
     func deadline(_ timeout: Duration?) -> NIODeadline {
-        let timeout = timeout ?? configuration.commandTimeout
-        let (seconds, attoseconds) = timeout.components
-        return .now() + .nanoseconds(seconds * 1_000_000_000 + attoseconds / 1_000_000_000)
+        .now() + TimeAmount(timeout ?? configuration.commandTimeout)
     }
 
     /// Sends a command and returns its reply.

@@ -123,8 +123,12 @@ public struct RedisClientConfiguration: Sendable {
 
     /// The URL with any password replaced by `***`, safe for logs and errors.
     static func redacted(_ url: String) -> String {
-        guard var components = URLComponents(string: url), components.password != nil else { return url }
-        components.password = "***"
-        return components.string ?? url
+        // Works on text that does not even parse: hide everything between "://" and the last "@".
+        guard let scheme = url.range(of: "://"), let at = url.range(of: "@", options: .backwards), scheme.upperBound <= at.lowerBound else {
+            return url
+        }
+        let credentials = url[scheme.upperBound..<at.lowerBound]
+        let user = credentials.split(separator: ":", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
+        return url[..<scheme.upperBound] + user + ":***" + url[at.lowerBound...]
     }
 }

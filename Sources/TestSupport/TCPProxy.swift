@@ -41,6 +41,11 @@ public final class TCPProxy: Sendable {
         registry.connectionCount
     }
 
+    /// Number of connections accepted and proxied since the start (open or closed; refused ones not counted).
+    public var acceptedCount: Int {
+        registry.acceptedCount
+    }
+
     private let listener: any Channel
     private let registry: ProxyRegistry
 
@@ -189,6 +194,10 @@ private final class ProxyRegistry: Sendable {
 
     var connectionCount: Int {
         state.withLock { $0.links.count }
+    }
+
+    var acceptedCount: Int {
+        state.withLock { $0.nextID }
     }
 
     /// The settings in force right now.

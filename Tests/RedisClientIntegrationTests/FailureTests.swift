@@ -77,14 +77,11 @@ struct FailureTests {
 
     @Test("connecting to a closed port fails with an error naming the address")
     func closedPort() async throws {
-        let server = try await RedisServer.start()
-        let url = server.url
-        let address = server.address
-        await server.kill()
-        try await withClient(url, configure: { $0.commandTimeout = .milliseconds(500) }) { client throws in
+        let closed = try ClosedPort()
+        try await withClient("redis://\(closed.address)", configure: { $0.commandTimeout = .seconds(1) }) { client throws in
             let error = await #expect(throws: RedisError.self) { try await client.ping() }
             #expect(error?.code == .connectionRefused)
-            #expect(error?.message.contains(address) == true)
+            #expect(error?.message.contains(closed.address) == true)
         }
     }
 

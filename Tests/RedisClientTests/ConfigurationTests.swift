@@ -37,6 +37,7 @@ struct ConfigurationTests {
             ("redis://:hunter2@h:1/x", "database"),
             ("redis://h:1?timeout=3", "query"),
             ("h:1", "scheme"),
+            ("redis://:hunter2@h:abc", "URL"),
         ])
     func badURLs(url: String, reason: String) {
         do {

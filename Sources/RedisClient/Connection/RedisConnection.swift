@@ -43,6 +43,10 @@ final class RedisConnection: Sendable {
         var phase = Phase.idle
         var flushScheduled = false
         var timerDeadline: NIODeadline?
+        /// Bumped for every timer scheduled; an older timer that fires finds a newer one armed and does nothing.
+        var timerGeneration: UInt64 = 0
+        /// When a reply last arrived (to tell a stuck connection from a slow command).
+        var lastReplyAt = NIODeadline.now()
         var lastConnectError: RedisError?
     }
 
@@ -110,6 +114,10 @@ final class RedisConnection: Sendable {
         let ids = (0..<commands.count).map { _ in nextID.wrappingAdd(1, ordering: .relaxed).newValue }
         return try await withTaskCancellationHandler {
             try await withUnsafeThrowingContinuation { (continuation: UnsafeContinuation<[Result<RESPValue, RedisError>], any Error>) in
+                if Task.isCancelled {
+                    continuation.resume(throwing: RedisError(code: .cancelled, message: "pipeline to \(address) cancelled before it was sent"))
+                    return
+                }
                 let collector = PipelineCollector(count: commands.count, continuation: continuation, address: address)
                 encoded.withUnsafeReadableBytes { bytes in
                     enqueue(ids: ids, deadline: deadline, collector: collector, bytes: bytes, ranges: ranges)
@@ -144,7 +152,7 @@ final class RedisConnection: Sendable {
     private enum EnqueueAction {
         case none
         case fail(RedisError)
-        case schedule(flush: Bool, timer: NIODeadline?)
+        case schedule(flush: Bool, timer: (NIODeadline, UInt64)?)
     }
 
     /// Why a new request is refused at once instead of waiting, if it is.
@@ -169,12 +177,20 @@ final class RedisConnection: Sendable {
             state.flushScheduled = true
             flush = true
         }
-        var timer: NIODeadline? = nil
-        if state.timerDeadline == nil || deadline < state.timerDeadline! {
-            state.timerDeadline = deadline
-            timer = deadline
-        }
+        let timer = armTimer(&state, deadline: deadline)
         return flush || timer != nil ? .schedule(flush: flush, timer: timer) : .none
+    }
+
+    /// Arms the deadline timer for `deadline` when none is armed for an earlier one; returns what to schedule.
+    private static func armTimer(_ state: inout State, deadline: NIODeadline) -> (NIODeadline, UInt64)? {
+        guard state.timerDeadline == nil || deadline < state.timerDeadline! else { return nil }
+        state.timerDeadline = deadline
+        state.timerGeneration &+= 1
+        return (deadline, state.timerGeneration)
+    }
+
+    private func schedule(timer: (NIODeadline, UInt64)) {
+        eventLoop.scheduleTask(deadline: timer.0) { self.expireRequests(generation: timer.1) }
     }
 
     private func perform(_ action: EnqueueAction, failing waiters: [Waiter]) {
@@ -185,7 +201,7 @@ final class RedisConnection: Sendable {
             Self.fail(waiters, with: error)
         case .schedule(let flush, let timer):
             if flush { eventLoop.execute { self.flush() } }
-            if let timer { eventLoop.scheduleTask(deadline: timer) { self.expireRequests() } }
+            if let timer { schedule(timer: timer) }
         }
     }
 
@@ -204,36 +220,53 @@ final class RedisConnection: Sendable {
         Self.fail([waiter], with: RedisError(code: .cancelled, message: "request to \(address) cancelled"))
     }
 
-    /// The deadline timer: fails expired requests and re-arms for the earliest remaining deadline.
-    private func expireRequests() {
+    /// The deadline timer: fails expired requests and re-arms for the earliest remaining deadline. A connection that
+    /// has requests past their deadline and has sent no reply for a whole command timeout is closed (a stuck or
+    /// half-open peer), so the client reconnects instead of waiting for TCP to notice.
+    private func expireRequests(generation: UInt64) {
         let now = NIODeadline.now()
-        let (expired, next, lastError, connected) = state.withLockedValue { state in
+        let stuckAfter = TimeAmount(configuration.commandTimeout)
+        let outcome = state.withLockedValue {
+            state -> (
+                expired: [(Waiter, RequestQueue<Waiter>.Place)], rearm: (NIODeadline, UInt64)?, lastError: RedisError?, connected: Bool,
+                stuck: (any Channel)?
+            )? in
+            guard generation == state.timerGeneration else { return nil }
             state.timerDeadline = nil
             let (expired, next) = state.queue.expire(now: now)
-            var rearm: NIODeadline? = nil
-            if let next {
-                state.timerDeadline = next
-                rearm = next
-            }
+            let rearm = next.flatMap { Self.armTimer(&state, deadline: $0) }
             let connected: Bool
-            if case .ready = state.phase { connected = true } else { connected = false }
-            return (expired, rearm, state.lastConnectError, connected)
+            var stuck: (any Channel)? = nil
+            if case .ready(let channel) = state.phase {
+                connected = true
+                if expired.contains(where: { $0.1 == .inflight }), now - state.lastReplyAt >= stuckAfter { stuck = channel }
+            } else {
+                connected = false
+            }
+            return (expired, rearm, state.lastConnectError, connected, stuck)
         }
-        if let next { eventLoop.scheduleTask(deadline: next) { self.expireRequests() } }
+        guard let outcome else { return }
+        if let rearm = outcome.rearm { schedule(timer: rearm) }
+        if let stuck = outcome.stuck {
+            logger.debug("no reply for a whole command timeout; closing the connection to reconnect")
+            stuck.close(promise: nil)
+        }
         let timeout = configuration.commandTimeout
-        for (waiter, place) in expired {
+        for (waiter, place) in outcome.expired {
             let error: RedisError
             switch place {
             case .inflight:
                 error = RedisError(
-                    code: .timeout, message: "no reply from Redis at \(address) before the request's deadline (command timeout \(timeout))")
-            case .pending where !connected && lastError != nil:
-                var cause = lastError!
+                    code: .timeout, message: "no reply from Redis at \(address) before the request's deadline (command timeout \(timeout))",
+                    address: address)
+            case .pending where !outcome.connected && outcome.lastError != nil:
+                var cause = outcome.lastError!
                 cause.message = "no connection to Redis at \(address) before the request's deadline; last attempt: \(cause.message)"
                 error = cause
             case .pending:
                 error = RedisError(
-                    code: .timeout, message: "no connection to Redis at \(address) before the request's deadline (command timeout \(timeout))")
+                    code: .timeout, message: "no connection to Redis at \(address) before the request's deadline (command timeout \(timeout))",
+                    address: address)
             }
             Self.fail([waiter], with: error)
         }
@@ -255,18 +288,27 @@ final class RedisConnection: Sendable {
         var ordinary = replies
         if case .pubSub(let onPush, _) = mode {
             ordinary = []
+            let expecting = state.withLockedValue { $0.queue.inflightCount }
             for reply in replies {
-                if Self.isPush(reply) { onPush(reply) } else { ordinary.append(reply) }
+                // Pushes, and error replies to SUBSCRIBE (e.g. NOPERM) when no request waits, go to the router.
+                if Self.isPush(reply) || (ordinary.count >= expecting && reply.isError) { onPush(reply) } else { ordinary.append(reply) }
             }
             if ordinary.isEmpty { return }
         }
         var unexpected = false
         var write: ByteBuffer? = nil
+        let now = NIODeadline.now()
         let targets = state.withLockedValue { state -> [RequestQueue<Waiter>.ReplyTarget] in
             guard state.phase.channel === channel else { return [] }
-            let targets = ordinary.map { _ in
+            state.lastReplyAt = now
+            let targets = ordinary.map { reply in
                 let target = state.queue.replyReceived()
-                if case .unexpected = target { unexpected = true }
+                if case .unexpected = target {
+                    unexpected = true
+                    // Redis greets with an error before closing (e.g. "max number of clients reached"): keep it as
+                    // the reason later requests report.
+                    if case .error(let text) = reply { state.lastConnectError = RedisError.serverReply(text, address: address) }
+                }
                 return target
             }
             if case .ready = state.phase, !state.flushScheduled { write = state.queue.takePendingForWrite() }
@@ -353,8 +395,12 @@ final class RedisConnection: Sendable {
     // MARK: Life cycle
 
     /// Connects, reconnects with backoff, and fails everything on cancellation. Returns when cancelled.
+    ///
+    /// The backoff restarts only after a connection stayed up for a while, so a server that accepts and closes at
+    /// once (maxclients, a proxy with no backend) is retried with growing delays, not in a tight loop.
     func run() async {
         var attempt = 0
+        let stableAfter = Duration.seconds(1)
         while !Task.isCancelled {
             state.withLockedValue { if case .idle = $0.phase { $0.phase = .connecting } }
             let channel: any Channel
@@ -363,7 +409,8 @@ final class RedisConnection: Sendable {
                 do {
                     try await handshake(channel)
                 } catch {
-                    channel.close(promise: nil)
+                    // Whatever the handshake left in flight belongs to this channel only.
+                    abandon(channel, cause: error)
                     throw error
                 }
             } catch {
@@ -375,30 +422,36 @@ final class RedisConnection: Sendable {
                     return failure.code == .authenticationFailed ? state.queue.failPending() : []
                 }
                 Self.fail(failedPending, with: failure)
-                let delay = configuration.reconnectBackoff.delay(attempt: attempt)
-                logger.debug("connect failed", metadata: ["error": "\(failure.message)", "redis.retry-in": "\(delay)"])
-                attempt += 1
-                do { try await Task.sleep(for: delay) } catch { break }
+                guard await backOff(attempt: &attempt, after: failure.message) else { break }
                 continue
             }
-            attempt = 0
             if case .pubSub(_, let onReady) = mode { onReady(channel) }
-            let flush = state.withLockedValue { state -> Bool in
-                guard case .handshaking(let current) = state.phase, current === channel else { return false }
+            let (flush, ready) = state.withLockedValue { state -> (Bool, Bool) in
+                guard case .handshaking(let current) = state.phase, current === channel else { return (false, false) }
                 state.phase = .ready(channel)
                 state.lastConnectError = nil
+                state.lastReplyAt = .now()
                 if state.queue.pendingCount > 0, !state.flushScheduled {
                     state.flushScheduled = true
-                    return true
+                    return (true, true)
                 }
-                return false
+                return (false, true)
             }
             if flush { eventLoop.execute { self.flush() } }
-            logger.debug("connected")
+            if ready { logger.debug("connected") }
+            let connectedAt = ContinuousClock.now
             await withTaskCancellationHandler {
                 try? await channel.closeFuture.get()
             } onCancel: {
                 channel.close(promise: nil)
+            }
+            // The handler normally reported the close already; this covers a close it reported too early.
+            channelClosed(channel, cause: nil)
+            if ContinuousClock.now - connectedAt >= stableAfter {
+                attempt = 0
+            } else {
+                let reason = state.withLockedValue { $0.lastConnectError?.message } ?? "the server closed the connection at once"
+                guard await backOff(attempt: &attempt, after: reason) else { break }
             }
         }
         let waiters = state.withLockedValue { state -> [Waiter] in
@@ -410,14 +463,36 @@ final class RedisConnection: Sendable {
         Self.fail(waiters, with: RedisError(code: .clientShutdown, message: "the Redis client for \(address) was shut down", address: address))
     }
 
+    /// Sleeps the next backoff delay; `false` when cancelled.
+    private func backOff(attempt: inout Int, after reason: String) async -> Bool {
+        let delay = configuration.reconnectBackoff.delay(attempt: attempt)
+        logger.debug("reconnecting after a delay", metadata: ["error": "\(reason)", "redis.retry-in": "\(delay)"])
+        attempt += 1
+        do {
+            try await Task.sleep(for: delay)
+            return true
+        } catch {
+            return false
+        }
+    }
+
+    /// Gives up on `channel` during set-up: close it and fail (or drop) what it had in flight.
+    private func abandon(_ channel: any Channel, cause: any Error) {
+        channel.close(promise: nil)
+        let waiters = state.withLockedValue { state -> [Waiter] in
+            guard state.phase.channel === channel else { return [] }
+            state.phase = .connecting
+            state.flushScheduled = false
+            return state.queue.failInflight()
+        }
+        Self.fail(waiters, with: Self.connectError(cause, address: address))
+    }
+
     private func connect() async throws -> any Channel {
         let bootstrap = ClientBootstrap(group: eventLoop)
-            .connectTimeout(
-                .nanoseconds(
-                    Int64(configuration.connectTimeout.components.seconds) * 1_000_000_000
-                        + configuration.connectTimeout.components.attoseconds / 1_000_000_000)
-            )
+            .connectTimeout(TimeAmount(configuration.connectTimeout))
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(.socketOption(.so_keepalive), value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(RedisReplyHandler(connection: self))
@@ -432,6 +507,15 @@ final class RedisConnection: Sendable {
         guard accepted else {
             channel.close(promise: nil)
             throw CancellationError()
+        }
+        // A channel that closed before it was published (the server sent an error and hung up at once) was not
+        // reported by the handler; never treat it as usable.
+        guard channel.isActive else {
+            abandon(
+                channel,
+                cause: RedisError(code: .connectionLost, message: "Redis at \(address) closed the connection during set-up", address: address))
+            throw state.withLockedValue { $0.lastConnectError }
+                ?? RedisError(code: .connectionLost, message: "Redis at \(address) closed the connection during set-up", address: address)
         }
         return channel
     }
@@ -452,26 +536,22 @@ final class RedisConnection: Sendable {
 
         var buffer = channel.allocator.buffer(capacity: 128)
         for command in commands { try Hiredis.encode(command, into: &buffer) }
-        let deadline = NIODeadline.now() + .nanoseconds(Int64(configuration.connectTimeout.components.seconds) * 1_000_000_000)
+        let deadline = NIODeadline.now() + TimeAmount(configuration.connectTimeout)
         let ids = commands.map { _ in nextID.wrappingAdd(1, ordering: .relaxed).newValue }
         let results = try await withUnsafeThrowingContinuation { (continuation: UnsafeContinuation<[Result<RESPValue, RedisError>], any Error>) in
             let collector = PipelineCollector(count: commands.count, continuation: continuation, address: address)
-            let timer = state.withLockedValue { state -> NIODeadline? in
+            let timer = state.withLockedValue { state -> (NIODeadline, UInt64)? in
                 for (index, id) in ids.enumerated() {
                     state.queue.enqueueWritten(id: id, deadline: deadline, waiter: .batch(collector, index))
                 }
-                if state.timerDeadline == nil || deadline < state.timerDeadline! {
-                    state.timerDeadline = deadline
-                    return deadline
-                }
-                return nil
+                return Self.armTimer(&state, deadline: deadline)
             }
-            if let timer { eventLoop.scheduleTask(deadline: timer) { self.expireRequests() } }
+            if let timer { schedule(timer: timer) }
             channel.writeAndFlush(buffer, promise: nil)
         }
         for (command, result) in zip(commands, results) {
             if case .failure(var error) = result {
-                if command.name == "AUTH" {
+                if command.name == "AUTH", error.code == .authenticationFailed || error.message.contains("invalid password") {
                     error.code = .authenticationFailed
                     let who = configuration.username.map { "user \"\($0)\"" } ?? "the default user"
                     error.message = "authentication as \(who) to Redis at \(address) failed: \(error.message); check the URL's user and password"
@@ -547,5 +627,20 @@ final class PipelineCollector: Sendable {
             return state.continuation
         }
         continuation?.resume(throwing: error)
+    }
+}
+
+extension TimeAmount {
+    /// The same span as a NIO time amount (nanosecond precision).
+    init(_ duration: Duration) {
+        let (seconds, attoseconds) = duration.components
+        self = .nanoseconds(seconds * 1_000_000_000 + attoseconds / 1_000_000_000)
+    }
+}
+
+extension RESPValue {
+    var isError: Bool {
+        if case .error = self { return true }
+        return false
     }
 }

@@ -172,6 +172,10 @@ final class PubSubRouter: Sendable {
 
     /// A push from the server: a message, or a (un)subscribe confirmation. Called on the event loop, in order.
     func push(_ reply: RESPValue) {
+        if case .error(let text) = reply {
+            refuse(RedisError.serverReply(text, address: address))
+            return
+        }
         guard case .array(let values) = reply, values.count >= 3, let kind = values[0].string else { return }
         switch kind {
         case "message":
@@ -212,6 +216,18 @@ final class PubSubRouter: Sendable {
             return ready
         }
         for continuation in ready { continuation.resume() }
+    }
+
+    /// The server refused a (P)SUBSCRIBE (for example `NOPERM`): every subscription still waiting for its
+    /// confirmation fails with that error and is removed, so it is not re-sent on every reconnect.
+    private func refuse(_ error: RedisError) {
+        let waiting = state.withLock { Array($0.confirmations.keys) }
+        logger.debug("subscription refused", metadata: ["error": "\(error.message)"])
+        for id in waiting {
+            let confirmation = state.withLock { $0.confirmations.removeValue(forKey: id) }
+            remove(id)
+            confirmation?.continuation.resume(throwing: error)
+        }
     }
 
     /// The client stopped: every subscription finishes, every waiter fails.
