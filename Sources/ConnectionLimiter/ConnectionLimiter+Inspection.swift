@@ -31,6 +31,18 @@ public struct NodeStatus: Sendable, Hashable {
     public var users: Int
 }
 
+/// Fleet-wide totals, from the node registry.
+public struct LimiterTotals: Sendable, Hashable {
+    /// Nodes whose lease is current.
+    public var liveNodes: Int
+    /// Nodes whose lease ran out and that are not swept yet.
+    public var deadNodes: Int
+    /// Connections the live nodes reported at their last heartbeat.
+    public var connections: Int
+    /// Users with connections, summed over live nodes (a user on two nodes counts twice).
+    public var userNodePairs: Int
+}
+
 /// A user with more live entries than its limit (possible only transiently, e.g. after a Redis failover).
 public struct UserOverLimit: Sendable, Hashable {
     public var user: String
@@ -83,6 +95,18 @@ extension ConnectionLimiter {
                 users: fields["users"].flatMap { Int($0) } ?? 0
             )
         }
+    }
+
+    /// Totals over the node registry.
+    public func totals() async throws -> LimiterTotals {
+        let all = try await nodes()
+        let live = all.filter(\.isAlive)
+        return LimiterTotals(
+            liveNodes: live.count,
+            deadNodes: all.count - live.count,
+            connections: live.reduce(0) { $0 + $1.connections },
+            userNodePairs: live.reduce(0) { $0 + $1.users }
+        )
     }
 
     /// Users whose live entries exceed their limit (an operator check; scans every user key).

@@ -160,3 +160,45 @@ struct PolicyTests {
         }
     }
 }
+
+@Suite("Operator inspection")
+struct InspectionTests {
+    @Test("entries, nodes and totals describe what is live; an operator kick closes the connection on its node")
+    func inspection() async throws {
+        let server = try await SharedRedisServer.get()
+        let configuration = testConfiguration(limit: 5) { $0.policies.overflow = .evictOldest }
+        let a = try await LimiterNode.start(server.url, configuration)
+        let b = try await LimiterNode.start(server.url, configuration)
+        try await a.limiter.mustAdmit("nora", "n1")
+        try await b.limiter.mustAdmit("nora", "n2")
+        try await b.limiter.mustAdmit("oscar", "o1")
+        let entries = try await a.limiter.entries(user: "nora")
+        #expect(Set(entries.map(\.connection)) == ["n1", "n2"])
+        #expect(entries.allSatisfy { $0.leaseRemaining > .zero && $0.leaseRemaining <= configuration.lease.ttl })
+        #expect(entries.allSatisfy { $0.admittedAgo != nil })  // kept with evict-oldest
+        // Node hashes are refreshed at each heartbeat.
+        let reported = try await eventually {
+            let totals = try await a.limiter.totals()
+            return (totals.liveNodes, totals.deadNodes, totals.connections, totals.userNodePairs) == (2, 0, 3, 3)
+        }
+        #expect(reported)
+        let nodes = try await a.limiter.nodes()
+        #expect(Set(nodes.map(\.id)) == [a.limiter.nodeID, b.limiter.nodeID])
+        #expect(nodes.allSatisfy { $0.isAlive && $0.name == "test" && $0.pid != nil })
+        #expect(try await a.limiter.usersOverLimit().isEmpty)
+
+        var events = b.limiter.events.makeAsyncIterator()
+        try await a.limiter.kick(user: "nora", node: b.limiter.nodeID, connection: "n2")
+        var kicked: LimiterEvent?
+        while let event = await events.next() {
+            if case .kick = event {
+                kicked = event
+                break
+            }
+        }
+        #expect(kicked == .kick(connection: "n2", user: "nora", reason: .operatorRequest))
+        #expect(try await a.limiter.entries(user: "nora").map(\.connection) == ["n1"])
+        await a.stop()
+        await b.stop()
+    }
+}
