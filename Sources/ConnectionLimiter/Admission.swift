@@ -31,8 +31,11 @@ public struct Admission: Sendable, Hashable {
     public var alreadyAdmitted: Bool
     /// Dry-run mode: the limit would have denied this connection.
     public var wouldHaveBeenDenied: Bool
-    /// With the evict-oldest policy: the connection (`node:connection`) removed to make room; its node is told to close it.
+    /// With the evict-oldest policy: the oldest connection (`node:connection`) removed to make room; its node is told
+    /// to close it.
     public var evicted: String?
+    /// Every connection evicted to make room (more than one after the user's limit was lowered), oldest first.
+    public var evictedAll: [String]
 }
 
 /// A denied connection, with what the operator and the client need to know.

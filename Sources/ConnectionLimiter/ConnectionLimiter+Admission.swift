@@ -16,11 +16,14 @@ struct AdmitReply: Sendable {
     /// Evicted member (status 2) or holders `member|expiry` (status 0).
     var extra: [String]
 
-    init(_ reply: RESPValue) throws(LimiterError) {
+    init(_ reply: RESPValue, user: UserID) throws(LimiterError) {
         guard let raw = reply.int(at: 0), let status = Status(rawValue: raw), let count = reply.int(at: 1),
             let limit = reply.int(at: 2), let now = reply.int(at: 3), let expired = reply.int(at: 4), let dead = reply.int(at: 5)
         else {
-            throw LimiterError(code: .unexpectedReply, message: "unexpected reply from the admission script: \(reply)")
+            throw LimiterError(
+                code: .unexpectedReply,
+                message: "unexpected reply from the admission script for user \"\(user)\": \(reply); are all nodes on the same version?"
+            )
         }
         self.status = status
         self.count = count
@@ -64,15 +67,29 @@ extension ConnectionLimiter {
         guard (0...1_000_000).contains(limit) else {
             throw LimiterError(code: .invalidLimit, message: "limit \(limit) for user \"\(user)\" must be between 0 and 1000000")
         }
-        let entry = state.withLock { state -> (added: Bool, node: String, usable: Bool, dead: [String]) in
-            let added = state.table.addPending(connection, user: user, limit: limit)
-            return (added, state.node, state.registered && !state.leaseLost, Array(state.deadNodes))
+        let entry = state.withLock { state -> (running: Bool, added: Bool, node: String, usable: Bool, fenced: Bool, dead: [String]) in
+            guard state.running else { return (false, false, state.node, false, false, []) }
+            let fenced = configuration.policies.onLeaseLoss == .close && (state.fenced || state.leaseLost)
+            let added = fenced ? false : state.table.addPending(connection, user: user, limit: limit)
+            return (true, added, state.node, state.registered && !state.leaseLost, fenced, state.deadList)
+        }
+        guard entry.running else {
+            throw LimiterError(code: .notRunning, message: "the limiter is not running (call run() first); connection \(connection) of user \"\(user)\" refused")
+        }
+        guard !entry.fenced else {
+            throw LimiterError(
+                code: .redisUnavailable,
+                message: "node \(entry.node) may have lost its lease (Redis unreachable); policy onLeaseLoss=close refuses connection \(connection) of user \"\(user)\" until it re-registers"
+            )
         }
         guard entry.added else {
-            throw LimiterError(code: .invalidConnection, message: "connection id \"\(connection)\" is already in use on this node by another user")
+            throw LimiterError(
+                code: .invalidConnection,
+                message: "connection id \"\(connection)\" is already in use on node \(entry.node) by another user (not \"\(user)\")"
+            )
         }
         guard entry.usable else {
-            return try fallback(user: user, connection: connection, limit: limit, reason: "node not registered in Redis")
+            return try fallback(user: user, connection: connection, limit: limit, reason: "node \(entry.node) is not registered in Redis")
         }
         do {
             var reply = try await runAdmit(user: user, connection: connection, node: entry.node, limit: limit, dead: entry.dead)
@@ -80,11 +97,24 @@ extension ConnectionLimiter {
                 reply = try await cleanUpAndRetry(user: user, connection: connection, node: entry.node, limit: limit, denied: reply)
             }
             return await finishAdmission(user: user, connection: connection, node: entry.node, reply: reply)
-        } catch let error as RedisError {
+        } catch let error as RedisError where Self.isUnavailability(error) {
             return try fallback(user: user, connection: connection, limit: limit, reason: error.message)
         } catch {
+            // Cancelled, or an answer we do not understand: never admit on that. The script may have run; our own
+            // cleanup (verify) or the lease removes such an entry.
             state.withLock { _ = $0.table.remove(connection) }
             throw error
+        }
+    }
+
+    /// Errors that mean "Redis cannot answer now" (the `onRedisDown` policy applies), as opposed to cancellation or
+    /// a reply that shows a bug.
+    static func isUnavailability(_ error: RedisError) -> Bool {
+        switch error.code {
+        case .connectionRefused, .connectFailed, .connectionLost, .timeout, .clientShutdown, .loading, .busy, .authenticationFailed:
+            return true
+        default:
+            return error.serverErrorPrefix == "READONLY" || error.serverErrorPrefix == "MASTERDOWN" || error.serverErrorPrefix == "OOM"
         }
     }
 
@@ -101,8 +131,8 @@ extension ConnectionLimiter {
             ],
             timeout: configuration.admissionTimeout
         )
-        metrics.scriptLatency.recordNanoseconds(Int64(started.duration(to: clock.now).milliseconds) * 1_000_000)
-        let reply = try AdmitReply(results[2].get())
+        metrics.scriptLatency.record(duration: started.duration(to: clock.now))
+        let reply = try AdmitReply(results[2].get(), user: user)
         if reply.expiredRemoved > 0 { metrics.evictedExpired.increment(by: Int64(reply.expiredRemoved)) }
         if reply.deadRemoved > 0 { metrics.evictedDeadNode.increment(by: Int64(reply.deadRemoved)) }
         return reply
@@ -126,7 +156,7 @@ extension ConnectionLimiter {
             metrics.evictedZombie.increment(by: Int64(removed))
         }
         let owners = Set(holders.map(\.node)).subtracting([node])
-        var dead = state.withLock { $0.deadNodes }
+        var dead = Set(state.withLock { $0.deadList })
         if !owners.isEmpty {
             // Read the registry after the holders: an owner missing from it, or expired, is dead for good.
             let registry = try await redis.send(RedisCommand("ZRANGE", keys.nodes, 0, -1, "WITHSCORES"), timeout: configuration.admissionTimeout)
@@ -169,24 +199,29 @@ extension ConnectionLimiter {
                 )
             )
         case .admitted, .evicted, .alreadyAdmitted, .dryRunOverLimit:
-            let open = state.withLock { state -> Int in
-                state.table.markOpen(connection, node: node)
-                return state.table.openCount
+            let (kept, open) = state.withLock { state -> (Bool, Int) in
+                (state.table.admitted(connection, node: node), state.table.openCount)
             }
             metrics.activeConnections.record(open)
+            if !kept {
+                // Released while its admission was in flight: take the entry back out.
+                await removeMembers([Member(node: node, connection: connection).text], of: user)
+                state.withLock { _ = $0.table.remove(connection) }
+            }
             if reply.status == .dryRunOverLimit {
                 metrics.dryRunDenied.increment()
-                log.debug(
-                    "dry run: the limit would have denied this connection",
-                    metadata: [LogKey.count: "\(reply.count)", LogKey.limit: "\(reply.limit)"])
+                log.debug("dry run: the limit would have denied this connection", metadata: [LogKey.count: "\(reply.count)", LogKey.limit: "\(reply.limit)"])
             } else {
                 metrics.admitted.increment()
             }
-            var evicted: String? = nil
-            if reply.status == .evicted, let text = reply.extra.first, let member = Member(text) {
-                evicted = text
-                metrics.evictedTrimmed.increment()
-                await kick(member, user: user)
+            var evicted: [String] = []
+            if reply.status == .evicted {
+                for text in reply.extra {
+                    guard let member = Member(text) else { continue }
+                    evicted.append(text)
+                    metrics.evictedTrimmed.increment()
+                    await kick(member, user: user)
+                }
             }
             return .admitted(
                 Admission(
@@ -195,10 +230,18 @@ extension ConnectionLimiter {
                     basis: .redis,
                     alreadyAdmitted: reply.status == .alreadyAdmitted,
                     wouldHaveBeenDenied: reply.status == .dryRunOverLimit,
-                    evicted: evicted
+                    evicted: evicted.first,
+                    evictedAll: evicted
                 )
             )
         }
+    }
+
+    /// Removes exactly these members of `user` (best effort; the lease is the backstop).
+    func removeMembers(_ members: [String], of user: UserID) async {
+        guard !members.isEmpty else { return }
+        _ = try? await redis.eval(
+            scripts.purge, keys: [keys.conns(user), keys.since(user)], arguments: ["members"] + members, timeout: configuration.admissionTimeout)
     }
 
     /// Redis is unreachable (or the node unregistered): apply `onRedisDown`.
@@ -215,7 +258,7 @@ extension ConnectionLimiter {
             let decision = state.withLock { state -> (admitted: Bool, count: Int) in
                 let open = state.table.openCount(of: user)
                 if open < limit || configuration.policies.dryRun {
-                    state.table.markOpen(connection, node: nil)
+                    _ = state.table.admitted(connection, node: nil)
                     return (true, open + 1)
                 }
                 _ = state.table.remove(connection)
@@ -226,7 +269,8 @@ extension ConnectionLimiter {
                 metrics.admittedLocal.increment()
                 return .admitted(
                     Admission(
-                        count: decision.count, limit: limit, basis: .localFallback, alreadyAdmitted: false, wouldHaveBeenDenied: false, evicted: nil))
+                        count: decision.count, limit: limit, basis: .localFallback, alreadyAdmitted: false, wouldHaveBeenDenied: false, evicted: nil,
+                        evictedAll: []))
             }
             metrics.denied.increment()
             return .denied(Denial(user: user.rawValue, count: decision.count, limit: limit, holders: [], retryAfter: configuration.heartbeat.nodeTTL))
@@ -239,6 +283,8 @@ extension ConnectionLimiter {
     /// confirm is retried in the background; the lease is the backstop.
     public func release(connection: String) async {
         guard let entry = state.withLock({ $0.table.markReleasing(connection) }) else { return }
+        // Still pending: the admission in flight sees the release and removes its member itself.
+        if entry.state == .pending { return }
         guard let node = entry.node else {
             finishRelease(connection)
             return
@@ -260,8 +306,12 @@ extension ConnectionLimiter {
     private func finishRelease(_ connection: String, node: String) async {
         guard let (entry, last) = state.withLock({ $0.table.remove(connection) }) else { return }
         metrics.activeConnections.record(localConnectionCount)
-        if last {
-            _ = try? await redis.send(RedisCommand("SREM", keys.users(node), entry.user.escaped), timeout: configuration.admissionTimeout)
+        guard last else { return }
+        _ = try? await redis.send(RedisCommand("SREM", keys.users(node), entry.user.escaped), timeout: configuration.admissionTimeout)
+        // An admission of the same user may have sent its SADD before this SREM: put the user back if so, so the
+        // sweeper still finds the user should this node die.
+        if state.withLock({ $0.table.hasConnections(of: entry.user) }) {
+            _ = try? await redis.send(RedisCommand("SADD", keys.users(node), entry.user.escaped), timeout: configuration.admissionTimeout)
         }
     }
 

@@ -76,10 +76,17 @@ extension ConnectionLimiter {
     /// Asks `owners` to verify their entries of `user` and waits for their acks, at most `verifyTimeout`.
     func verify(user: UserID, with owners: Set<String>, requester: String) async {
         let request = ConnectionIDs.random(length: 10)
+        // Registered before anything can answer or time out, so neither side can miss the other.
+        state.withLock { $0.verifications[request] = Verification(waiting: owners, continuation: nil) }
         await withTaskGroup(of: Void.self) { group in
             group.addTask {
                 await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-                    self.state.withLock { $0.verifications[request] = Verification(waiting: owners, continuation: continuation) }
+                    let waiting = self.state.withLock { state -> Bool in
+                        guard state.verifications[request] != nil else { return false }
+                        state.verifications[request]?.continuation = continuation
+                        return true
+                    }
+                    if !waiting { continuation.resume() }
                 }
             }
             group.addTask {
@@ -90,7 +97,7 @@ extension ConnectionLimiter {
             }
             await group.next()
             let waiter = state.withLock { $0.verifications.removeValue(forKey: request) }
-            waiter?.continuation.resume()
+            waiter?.continuation?.resume()
             group.cancelAll()
         }
     }
@@ -99,6 +106,7 @@ extension ConnectionLimiter {
         let done = state.withLock { state -> CheckedContinuation<Void, Never>? in
             guard var verification = state.verifications[request] else { return nil }
             verification.waiting.remove(node)
+            // Once everyone answered, wake the waiter (if it is not waiting yet, it finds the entry gone and goes on).
             if verification.waiting.isEmpty {
                 state.verifications[request] = nil
                 return verification.continuation

@@ -35,7 +35,9 @@ extension ConnectionLimiter {
         }
         let (previous, staleSubscription) = state.withLock { state -> (String, RedisSubscription?) in
             let previous = state.node
-            if state.registered, previous != node { state.deadNodes.insert(previous) }
+            if state.registered, previous != node {
+                state.previousIncarnations = Array((state.previousIncarnations + [previous]).suffix(8))
+            }
             state.node = node
             state.registered = true
             state.leaseLost = false
@@ -77,7 +79,6 @@ extension ConnectionLimiter {
                     .script(scripts.heartbeat, keys: [keys.nodes], arguments: [node, String(ttl), "beat"]),
                     .command(RedisCommand("HSET", keys.node(node), "conns", open, "users", users)),
                     .command(RedisCommand("PEXPIRE", keys.node(node), ttl * 3)),
-                    .script(scripts.sweeperLock, keys: [keys.sweeper], arguments: [node, String(configuration.heartbeat.interval.milliseconds * 3)]),
                 ],
                 timeout: configuration.heartbeat.interval
             )
@@ -87,11 +88,11 @@ extension ConnectionLimiter {
                 await leaseExpired(node: node, status: reply.int(at: 0) ?? 0)
                 return
             }
-            let expired = Set(reply.strings(from: 2))
+            let expired = Set(reply.strings(from: 2)).subtracting([node])
             let regained = state.withLock { state -> Bool in
                 guard state.node == node else { return false }
                 state.leaseDeadline = sent + configuration.heartbeat.nodeTTL
-                state.deadNodes = expired.union(state.deadNodes.filter { expired.contains($0) })
+                state.deadNodes = expired
                 // Our own clock counts the lease from the heartbeat's sending, so it may give up before Redis does:
                 // Redis still holding the lease means it was never lost.
                 defer {
@@ -103,8 +104,12 @@ extension ConnectionLimiter {
             if regained {
                 nodeLogger(node).info("node lease still held in Redis; resuming")
             }
-            if (try? results[3].get().int) == 1, !expired.isEmpty {
-                await sweep(expired.subtracting([node]))
+            // Only a node whose lease is current may take the sweeper lock.
+            if !expired.isEmpty, state.withLock({ !$0.sweeping }) {
+                let lock = try await redis.eval(
+                    scripts.sweeperLock, keys: [keys.sweeper], arguments: [node, String(configuration.heartbeat.interval.milliseconds * 3)],
+                    timeout: configuration.heartbeat.interval)
+                if lock.int == 1 { schedule(sweep: expired) }
             }
         } catch {
             heartbeatFailed(error)
@@ -134,7 +139,8 @@ extension ConnectionLimiter {
         }
     }
 
-    /// The registry says this incarnation is gone (expired, or lost in a Redis restart): re-register and re-admit.
+    /// The registry says this incarnation is gone (expired, or lost in a Redis restart): re-register at once (so the
+    /// heartbeats go on) and hand the re-admission of its connections to the maintenance loop.
     private func leaseExpired(node: String, status: Int) async {
         let announce = state.withLock { state -> Bool in
             defer { state.leaseLost = true }
@@ -150,31 +156,102 @@ extension ConnectionLimiter {
             heartbeatFailed(error)
             return
         }
-        await readmitAll(previous: node)
+        schedule(readmissionAfter: node)
     }
 
-    /// After re-registration: re-admit every open connection, oldest first, through the normal admission script.
-    /// A connection denied now (its user was filled meanwhile) is closed: the node that lost its lease yields.
+    // MARK: Maintenance (re-admission, sweeps), off the heartbeat's path
+
+    private func schedule(readmissionAfter previous: String) {
+        let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+            state.pendingReadmission = previous
+            defer { state.maintenanceWaiter = nil }
+            return state.maintenanceWaiter
+        }
+        waiter?.resume()
+    }
+
+    private func schedule(sweep nodes: Set<String>) {
+        let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+            state.pendingSweep.formUnion(nodes)
+            state.sweeping = true
+            defer { state.maintenanceWaiter = nil }
+            return state.maintenanceWaiter
+        }
+        waiter?.resume()
+    }
+
+    /// Runs re-admissions and sweeps the heartbeat asked for, one at a time, so a long one never delays a heartbeat.
+    func maintenanceLoop() async {
+        while !Task.isCancelled {
+            await withTaskCancellationHandler {
+                await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                    let ready = state.withLock { state -> Bool in
+                        if state.pendingReadmission != nil || !state.pendingSweep.isEmpty || Task.isCancelled { return true }
+                        state.maintenanceWaiter = continuation
+                        return false
+                    }
+                    if ready { continuation.resume() }
+                }
+            } onCancel: {
+                let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+                    defer { state.maintenanceWaiter = nil }
+                    return state.maintenanceWaiter
+                }
+                waiter?.resume()
+            }
+            let (readmission, sweep) = state.withLock { state -> (String?, Set<String>) in
+                defer {
+                    state.pendingReadmission = nil
+                    state.pendingSweep = []
+                }
+                return (state.pendingReadmission, state.pendingSweep)
+            }
+            if let previous = readmission { await readmitAll(previous: previous) }
+            if !sweep.isEmpty {
+                await self.sweep(sweep)
+                state.withLock { $0.sweeping = false }
+            }
+        }
+    }
+
+    /// After re-registration: re-admit every open connection through the normal admission script, oldest first and
+    /// many at a time (pipelined). A connection denied now (its user was filled meanwhile) is closed: the node that
+    /// lost its lease yields.
     private func readmitAll(previous: String) async {
         let (node, connections, dead) = state.withLock { state in
-            (state.node, state.table.openOldestFirst(), Array(state.deadNodes.union([previous])))
+            (state.node, state.table.openOldestFirst().filter { $0.connection.node != state.node }, state.deadList)
         }
         var readmitted = 0
         var denied = 0
-        for (id, connection) in connections {
-            do {
-                let reply = try await runAdmit(user: connection.user, connection: id, node: node, limit: connection.limit, dead: dead)
-                if reply.status == .denied {
+        let batch = 256
+        for start in stride(from: 0, to: connections.count, by: batch) {
+            let chunk = connections[start..<min(start + batch, connections.count)]
+            let outcomes = await withTaskGroup(of: (String, LocalTable.Connection, AdmitReply?).self) { group in
+                for (id, connection) in chunk {
+                    group.addTask {
+                        let reply = try? await self.runAdmit(user: connection.user, connection: id, node: node, limit: connection.limit, dead: dead)
+                        return (id, connection, reply)
+                    }
+                }
+                var outcomes: [(String, LocalTable.Connection, AdmitReply?)] = []
+                for await outcome in group { outcomes.append(outcome) }
+                return outcomes
+            }
+            for (id, connection, reply) in outcomes {
+                if reply?.status == .denied {
                     denied += 1
                     state.withLock { _ = $0.table.remove(id) }
                     emit(.kick(connection: id, user: connection.user.rawValue, reason: .deniedAfterLeaseLoss))
-                } else {
+                } else if reply != nil {
                     readmitted += 1
-                    state.withLock { $0.table.markOpen(id, node: node) }
+                    if !state.withLock({ $0.table.adopt(id, node: node) }) {
+                        await removeMembers([Member(node: node, connection: id).text], of: connection.user)
+                    }
                 }
-            } catch {
-                // Redis failed again: the connection stays, and the renewal re-adds it under the new node.
-                state.withLock { $0.table.markOpen(id, node: node) }
+                if reply == nil {
+                    // Redis failed again: count it locally; the next renewal round re-adds it under this node.
+                    state.withLock { $0.table.detach(id) }
+                }
             }
         }
         metrics.activeConnections.record(localConnectionCount)

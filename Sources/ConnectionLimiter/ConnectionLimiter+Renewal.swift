@@ -12,39 +12,60 @@ extension ConnectionLimiter {
         }
     }
 
-    /// One renewal round (also used by tests).
+    /// One renewal round. Connections still held under an earlier incarnation (a re-admission is under way) wait
+    /// for it; connections counted only locally (admitted while Redis was down) are added now.
     func renewLeases() async {
-        let (node, usable, groups) = state.withLock { state in
-            (state.node, state.registered && !state.leaseLost, state.table.openByUser())
+        let (node, usable, groups, dead) = state.withLock { state in
+            (state.node, state.registered && !state.leaseLost, state.table.openByUser(node: state.node), state.deadList)
         }
         guard usable, !groups.isEmpty else { return }
-        let chunkSize = 256
-        for start in stride(from: 0, to: groups.count, by: chunkSize) {
-            let chunk = groups[start..<min(start + chunkSize, groups.count)]
-            var steps: [PipelineStep] = chunk.map { user, connections in
-                let members = connections.map { Member(node: node, connection: $0.id).text }
-                let limit = connections.first?.connection.limit ?? configuration.defaultLimit
+        // One script call per user and at most 1000 members (Lua's unpack limit is near 8000).
+        var calls: [(user: UserID, connections: [(id: String, connection: LocalTable.Connection)])] = []
+        for (user, connections) in groups {
+            for start in stride(from: 0, to: connections.count, by: 1000) {
+                calls.append((user, Array(connections[start..<min(start + 1000, connections.count)])))
+            }
+        }
+        for start in stride(from: 0, to: calls.count, by: 256) {
+            let chunk = calls[start..<min(start + 256, calls.count)]
+            var steps: [PipelineStep] = chunk.map { call in
+                let members = call.connections.map { Member(node: node, connection: $0.id).text }
+                let limit = call.connections.first?.connection.limit ?? configuration.defaultLimit
                 return .script(
                     scripts.renew,
-                    keys: keys.userKeys(user),
-                    arguments: [String(leaseMilliseconds), String(limit), policyArgument] + members
+                    keys: keys.userKeys(call.user),
+                    arguments: [String(leaseMilliseconds), String(limit), policyArgument, String(dead.count)] + dead + members
                 )
             }
-            steps.append(.command(RedisCommand("SADD", arguments: [keys.users(node)] + chunk.map(\.0.escaped))))
+            steps.append(.command(RedisCommand("SADD", arguments: [keys.users(node)] + chunk.map(\.user.escaped))))
             steps.append(.command(RedisCommand("PEXPIRE", keys.users(node), leaseMilliseconds + nodeTTLMilliseconds)))
             guard let results = try? await redis.pipeline(steps, timeout: configuration.lease.renewInterval) else {
                 nodeLogger(node).debug("lease renewal failed; will retry next interval")
                 return
             }
-            for ((user, connections), result) in zip(chunk, results) {
+            for (call, result) in zip(chunk, results) {
                 guard case .success(let reply) = result else { continue }
-                let lost = Set(reply.strings(from: 2).compactMap { Member($0)?.connection })
-                state.withLock { state in
-                    for (id, _) in connections where !lost.contains(id) { state.table.markOpen(id, node: node) }
-                    for id in lost { _ = state.table.remove(id) }
+                let tail = reply.strings(from: 2)
+                let separator = tail.firstIndex(of: "|") ?? tail.endIndex
+                let lost = Set(tail[..<separator].compactMap { Member($0)?.connection })
+                let readded = tail[separator...].dropFirst().compactMap { Member($0) }
+                let (kicked, released) = state.withLock { state -> ([String], [String]) in
+                    var kicked: [String] = []
+                    for id in lost where state.table.connection(id)?.state == .open {
+                        state.table.remove(id)
+                        kicked.append(id)
+                    }
+                    var released: [String] = []
+                    for (id, _) in call.connections where !lost.contains(id) {
+                        // Released while the renewal was in flight: the script may have put it back.
+                        if !state.table.adopt(id, node: node) { released.append(id) }
+                    }
+                    return (kicked, released)
                 }
-                for id in lost {
-                    emit(.kick(connection: id, user: user.rawValue, reason: .lostAtRenewal))
+                let stray = readded.filter { released.contains($0.connection) }.map(\.text)
+                await removeMembers(stray, of: call.user)
+                for id in kicked {
+                    emit(.kick(connection: id, user: call.user.rawValue, reason: .lostAtRenewal))
                 }
             }
         }

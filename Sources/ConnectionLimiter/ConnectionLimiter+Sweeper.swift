@@ -12,21 +12,24 @@ extension ConnectionLimiter {
             do {
                 var removed = 0
                 var cursor = "0"
+                let timeout = configuration.heartbeat.nodeTTL
                 repeat {
-                    let page = try await redis.send(RedisCommand("SSCAN", keys.users(dead), cursor, "COUNT", 500))
+                    let page = try await redis.send(RedisCommand("SSCAN", keys.users(dead), cursor, "COUNT", 500), timeout: timeout)
                     cursor = page.array?.first?.string ?? "0"
                     let users = (page.array?.last?.array ?? []).compactMap(\.string).compactMap(UserID.init(escaped:))
                     if !users.isEmpty {
                         let results = try await redis.pipeline(
-                            users.map { .script(scripts.purge, keys: [keys.conns($0), keys.since($0)], arguments: ["node", dead]) }
+                            users.map { .script(scripts.purge, keys: [keys.conns($0), keys.since($0)], arguments: ["node", dead]) },
+                            timeout: timeout
                         )
-                        removed += results.reduce(0) { $0 + ((try? $1.get().int) ?? 0) }
+                        // Any failed purge keeps the node and its index for the next sweep.
+                        removed += try results.reduce(0) { $0 + (try $1.get().int ?? 0) }
                     }
                 } while cursor != "0"
                 _ = try await redis.pipeline([
                     .command(RedisCommand("DEL", keys.users(dead), keys.node(dead))),
                     .command(RedisCommand("ZREM", keys.nodes, dead)),
-                ])
+                ], timeout: timeout)
                 metrics.sweeps.increment()
                 metrics.evictedDeadNode.increment(by: Int64(removed))
                 let elapsed = started.duration(to: clock.now)

@@ -23,7 +23,7 @@ import Synchronization
 public final class ConnectionLimiter: Service, Sendable {
     struct Verification: Sendable {
         var waiting: Set<String>
-        var continuation: CheckedContinuation<Void, Never>
+        var continuation: CheckedContinuation<Void, Never>?
     }
 
     struct State: Sendable {
@@ -37,6 +37,15 @@ public final class ConnectionLimiter: Service, Sendable {
         var redisDown = false
         /// Nodes whose lease expired (they never come back); their members can be dropped at admission.
         var deadNodes: Set<String> = []
+        /// This process's earlier incarnations (the last few): their members are dead too.
+        var previousIncarnations: [String] = []
+        /// Set by run(); admissions before it (or after shutdown) are refused.
+        var running = false
+        /// Work the heartbeat hands to the maintenance loop, so heartbeats never wait for it.
+        var pendingReadmission: String?
+        var pendingSweep: Set<String> = []
+        var sweeping = false
+        var maintenanceWaiter: CheckedContinuation<Void, Never>?
         var table = LocalTable()
         /// Connections whose release failed, to retry.
         var releaseRetries: Set<String> = []
@@ -47,6 +56,9 @@ public final class ConnectionLimiter: Service, Sendable {
         var stopRequested = false
         var stopWaiter: CheckedContinuation<Void, Never>?
         var startedAt = ContinuousClock.now
+
+        /// Dead node ids to pass to the scripts.
+        var deadList: [String] { Array(deadNodes.union(previousIncarnations)) }
     }
 
     /// The configuration the limiter was created with.
@@ -110,9 +122,11 @@ public final class ConnectionLimiter: Service, Sendable {
     /// graceful shutdown (which releases every entry and deregisters) or cancellation (which just stops).
     public func run() async throws {
         try configuration.validate()
+        state.withLock { $0.running = true }
         await withGracefulShutdownHandler {
             await withDiscardingTaskGroup { group in
                 group.addTask { await self.heartbeatLoop() }
+                group.addTask { await self.maintenanceLoop() }
                 group.addTask { await self.leaseMonitorLoop() }
                 group.addTask { await self.renewalLoop() }
                 group.addTask { await self.releaseRetryLoop() }
@@ -125,6 +139,7 @@ public final class ConnectionLimiter: Service, Sendable {
         }
         let graceful = state.withLock { $0.stopRequested }
         if graceful && !Task.isCancelled { await drain() }
+        state.withLock { $0.running = false }
         eventContinuation.finish()
     }
 
@@ -169,6 +184,7 @@ public final class ConnectionLimiter: Service, Sendable {
         steps += [
             .command(RedisCommand("DEL", keys.users(node), keys.node(node))),
             .command(RedisCommand("ZREM", keys.nodes, node)),
+            .script(scripts.sweeperLock, keys: [keys.sweeper], arguments: [node, "release"]),
         ]
         do {
             _ = try await redis.pipeline(steps, timeout: .seconds(5))

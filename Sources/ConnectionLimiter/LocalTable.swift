@@ -34,15 +34,33 @@ struct LocalTable: Sendable {
         return true
     }
 
-    mutating func markOpen(_ id: String, node: String?) {
+    /// The admission of a pending (or already open) connection succeeded under `node`. Returns `false` when the
+    /// application released it meanwhile: the caller must remove the member it just added.
+    mutating func admitted(_ id: String, node: String?) -> Bool {
+        guard let state = connections[id]?.state, state == .pending || state == .open else { return false }
         connections[id]?.state = .open
         connections[id]?.node = node
+        return true
     }
 
+    /// A renewal or re-admission wrote this connection's member under `node`. Returns `false` when it is no longer
+    /// open here (released meanwhile): the caller must remove that member again.
+    mutating func adopt(_ id: String, node: String) -> Bool {
+        guard connections[id]?.state == .open else { return false }
+        connections[id]?.node = node
+        return true
+    }
+
+    /// An open connection whose member could not be written: it is counted locally until a renewal re-adds it.
+    mutating func detach(_ id: String) {
+        guard connections[id]?.state == .open else { return }
+        connections[id]?.node = nil
+    }
+
+    /// Marks a connection as released by the application; returns it as it was before.
     mutating func markReleasing(_ id: String) -> Connection? {
-        guard var connection = connections[id] else { return nil }
-        connection.state = .releasing
-        connections[id] = connection
+        guard let connection = connections[id] else { return nil }
+        connections[id]?.state = .releasing
         return connection
     }
 
@@ -64,19 +82,29 @@ struct LocalTable: Sendable {
 
     func connection(_ id: String) -> Connection? { connections[id] }
 
+    /// Whether `user` has any connection here (pending, open or releasing).
+    func hasConnections(of user: UserID) -> Bool { !(byUser[user]?.isEmpty ?? true) }
+
     /// Open connections of `user` here (for the local fallback count).
     func openCount(of user: UserID) -> Int {
         (byUser[user] ?? []).reduce(0) { $0 + (connections[$1]?.state == .open ? 1 : 0) }
     }
 
-    /// Open connections grouped by user, each group oldest first (for renewals and re-admission).
-    func openByUser() -> [(UserID, [(id: String, connection: Connection)])] {
-        byUser.compactMap { user, ids in
-            let open = ids.compactMap { id in connections[id].map { (id: id, connection: $0) } }
-                .filter { $0.connection.state == .open }
-                .sorted { $0.connection.sequence < $1.connection.sequence }
-            return open.isEmpty ? nil : (user, open)
+    /// Open connections held under `node` (or only counted locally), grouped by user, each group oldest first.
+    func openByUser(node: String) -> [(UserID, [(id: String, connection: Connection)])] {
+        var groups: [(UserID, [(id: String, connection: Connection)])] = []
+        for (user, ids) in byUser {
+            var open: [(id: String, connection: Connection)] = []
+            for id in ids {
+                guard let connection = connections[id], connection.state == .open else { continue }
+                if let held = connection.node, held != node { continue }
+                open.append((id: id, connection: connection))
+            }
+            if open.isEmpty { continue }
+            open.sort { $0.connection.sequence < $1.connection.sequence }
+            groups.append((user, open))
         }
+        return groups
     }
 
     /// Every open connection, oldest first.

@@ -287,16 +287,18 @@ public final class RedisServer: Sendable {
     /// file (`dump.rdb`, `appendonlydir/`, ...) is deleted first; `redis.log` is kept and appended to, and so is a
     /// cluster node config (`nodes.conf`), so a cluster node keeps its identity. With `keepData: true`, data survives
     /// only if the server was started with ``Options/persistence``.
+    /// - Parameter portWait: how long to keep retrying while another process holds the port. Defaults to 10 seconds
+    ///   (generous: a loaded test machine can take seconds to let go of a socket).
     /// - Throws: ``TestSupportError`` if the server does not come back, e.g. because another process holds the port
-    ///   (retried for 2 s); the message has the address and the tail of `redis.log`.
-    public func restart(keepData: Bool) async throws {
+    ///   for longer than `portWait`; the message has the address and the tail of `redis.log`.
+    public func restart(keepData: Bool, portWait: Duration = .seconds(10)) async throws {
         await kill()
         if !keepData {
             try wipeData()
         }
         let executable = try Self.locateExecutable("redis-server", package: "redis-server")
-        // Someone else may have bound our port while the server was down (often a short-lived socket): retry for 2 s.
-        let deadline = ContinuousClock.now + .seconds(2)
+        // Someone else may have bound our port while the server was down (often a short-lived socket): retry a while.
+        let deadline = ContinuousClock.now + portWait
         while true {
             do {
                 let launch = try await Self.launchUntilReady(executable, port: port, directory: directory, options: options)
@@ -308,7 +310,7 @@ public final class RedisServer: Sendable {
                 return
             } catch LaunchFailure.addressInUse(let failure) {
                 guard ContinuousClock.now < deadline else {
-                    throw TestSupportError("cannot restart redis-server on \(address), its port stayed in use for 2 s: \(failure.message)")
+                    throw TestSupportError("cannot restart redis-server on \(address), its port stayed in use for \(portWait): \(failure.message)")
                 }
                 try await Task.sleep(for: .milliseconds(50))
             }

@@ -104,3 +104,74 @@ struct LifecycleTests {
         }
     }
 }
+
+@Suite("Lease loss at scale")
+struct LeaseLossAtScaleTests {
+    @Test("a node with 3,000 connections that loses its lease re-registers once and gets every connection back")
+    func reregistrationAtScale() async throws {
+        try await RedisServer.withServer { server throws in
+            let proxy = try await TCPProxy.start(upstreamPort: server.port)
+            let configuration = testConfiguration(limit: 5) {
+                $0.lease.ttl = .seconds(30)
+                $0.lease.renewInterval = .seconds(10)
+            }
+            let node = try await LimiterNode.start(proxy.url, configuration)
+            // Eight at a time: enough to be quick, gentle on the other tests sharing the two cores.
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for lane in 0..<8 {
+                    group.addTask {
+                        for user in stride(from: lane, to: 600, by: 8) {
+                            for index in 0..<5 { try await node.limiter.mustAdmit("u\(user)", "c\(user)-\(index)") }
+                        }
+                    }
+                }
+                try await group.waitForAll()
+            }
+            let first = node.limiter.nodeID
+            var events = node.limiter.events.makeAsyncIterator()
+            proxy.stall()
+            // Past the node TTL: peers would consider it dead; Redis expires its lease.
+            var lost = false
+            while let event = await events.next() {
+                if case .leaseLost = event {
+                    lost = true
+                    break
+                }
+            }
+            #expect(lost)
+            try await Task.sleep(for: configuration.heartbeat.nodeTTL)
+            proxy.restore()
+            var reregistrations: [LimiterEvent] = []
+            var kicks = 0
+            while let event = await events.next() {
+                if case .kick = event { kicks += 1 }
+                if case .reregistered = event {
+                    reregistrations.append(event)
+                    break
+                }
+            }
+            guard case .reregistered(let second, let readmitted, let denied) = reregistrations.first else {
+                Issue.record("no re-registration")
+                return
+            }
+            #expect(second != first)
+            #expect(readmitted == 3000)
+            #expect(denied == 0)
+            #expect(kicks == 0)
+            // Still registered under the same incarnation afterwards: the heartbeats kept going during re-admission.
+            try await Task.sleep(for: configuration.heartbeat.nodeTTL)
+            #expect(node.limiter.nodeID == second)
+            #expect(node.limiter.localConnectionCount == 3000)
+            let inRedis = try await withClient(server.url) { redis in
+                var total = 0
+                for user in stride(from: 0, to: 600, by: 60) {
+                    total += try await redis.send("ZCARD", connsKey(configuration, "u\(user)")).int ?? 0
+                }
+                return total
+            }
+            #expect(inRedis == 50)  // 10 sampled users × 5
+            await node.stop()
+            await proxy.stop()
+        }
+    }
+}

@@ -54,6 +54,45 @@ struct PolicyTests {
         await b.stop()
     }
 
+    @Test("evict-oldest skips stale admission times, and evicts as many as needed after the limit was lowered")
+    func evictOldestEdges() async throws {
+        let server = try await SharedRedisServer.get()
+        let configuration = testConfiguration(limit: 3) { $0.policies.overflow = .evictOldest }
+        let node = try await LimiterNode.start(server.url, configuration)
+        for index in 1...3 { try await node.limiter.mustAdmit("pia", "p\(index)") }
+        _ = try await withClient(server.url) { redis throws in
+            // An admission time whose entry is gone (expired, purged): it must not count as an eviction.
+            try await redis.send("ZADD", "\(configuration.keyPrefix):{u:pia}:since", 0, "ghostnod:x")
+        }
+        let fourth = try await node.limiter.mustAdmit("pia", "p4")
+        #expect(fourth.evictedAll == ["\(node.limiter.nodeID):p1"])
+        try await node.limiter.setLimitOverride(user: "pia", to: 1)
+        let fifth = try await node.limiter.mustAdmit("pia", "p5")
+        #expect(fifth.evictedAll == ["p2", "p3", "p4"].map { "\(node.limiter.nodeID):\($0)" })
+        #expect(fifth.count == 1)
+        #expect(try await node.limiter.entries(user: "pia").map(\.connection) == ["p5"])
+        #expect(node.limiter.localConnectionCount == 1)
+        await node.stop()
+    }
+
+    @Test("a cancelled admission is never admitted on the local count")
+    func cancelledAdmission() async throws {
+        let server = try await SharedRedisServer.get()
+        let configuration = testConfiguration(limit: 1)
+        let a = try await LimiterNode.start(server.url, configuration)
+        let b = try await LimiterNode.start(server.url, configuration)
+        try await b.limiter.mustAdmit("quinn", "q1")
+        let outcome = await Task {
+            withUnsafeCurrentTask { $0?.cancel() }
+            return try await a.limiter.admit(user: "quinn", connection: "q2")
+        }.result
+        if case .success(let decision) = outcome { #expect(!decision.isAdmitted, "\(decision)") }
+        #expect(a.limiter.localConnectionCount == 0)
+        #expect(try await a.limiter.entries(user: "quinn").map(\.connection) == ["q1"])
+        await a.stop()
+        await b.stop()
+    }
+
     @Test("dry run admits everyone and counts what the limit would have denied")
     func dryRun() async throws {
         let server = try await SharedRedisServer.get()
@@ -146,6 +185,9 @@ struct PolicyTests {
             print("fenced \(fenced) after the link was cut (node TTL \(configuration.heartbeat.nodeTTL))")
             #expect(fenced < configuration.heartbeat.nodeTTL)
             #expect(lost)
+            // A fenced node takes no new connections until it is registered again.
+            let refused = await #expect(throws: LimiterError.self) { try await isolated.limiter.admit(user: "mia", connection: "m3") }
+            #expect(refused?.code == .redisUnavailable)
             // The peer's link is direct: it keeps working and eventually sweeps the isolated node's entry.
             let swept = await eventually(timeout: .seconds(10)) {
                 (try? await peer.limiter.entries(user: "mia").map(\.connection)) == ["m2"]

@@ -12,7 +12,7 @@ final class LimiterNode: Sendable {
 
     init(url: String, configuration: LimiterConfiguration) throws {
         var redisConfiguration = try RedisClientConfiguration(url: url)
-        redisConfiguration.commandTimeout = .seconds(2)
+        redisConfiguration.commandTimeout = .seconds(5)
         redisConfiguration.reconnectBackoff = .init(initialDelay: .milliseconds(20), maximumDelay: .milliseconds(200))
         let client = RedisClient(configuration: redisConfiguration, logger: Logger(label: "test.redis"))
         let limiter = ConnectionLimiter(redis: client, configuration: configuration, logger: Logger(label: "test.limiter"))
@@ -59,6 +59,8 @@ func testConfiguration(prefix: String = uniqueKeyPrefix(), limit: Int = 20, _ ad
     configuration.heartbeat.nodeTTL = .seconds(1)
     configuration.lease.ttl = .seconds(3)
     configuration.lease.renewInterval = .seconds(1)
+    // The whole suite shares two cores: round trips can take far longer than in production.
+    configuration.admissionTimeout = .seconds(5)
     adjust(&configuration)
     return configuration
 }

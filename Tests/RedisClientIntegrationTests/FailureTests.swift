@@ -78,7 +78,7 @@ struct FailureTests {
     @Test("connecting to a closed port fails with an error naming the address")
     func closedPort() async throws {
         let closed = try ClosedPort()
-        try await withClient("redis://\(closed.address)", configure: { $0.commandTimeout = .seconds(1) }) { client throws in
+        try await withClient("redis://\(closed.address)", configure: { $0.commandTimeout = .seconds(5) }) { client throws in
             let error = await #expect(throws: RedisError.self) { try await client.ping() }
             #expect(error?.code == .connectionRefused)
             #expect(error?.message.contains(closed.address) == true)

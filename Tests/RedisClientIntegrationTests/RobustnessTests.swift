@@ -43,17 +43,16 @@ struct RobustnessTests {
                 try await withClient(server.url) { secondHolder throws in
                     #expect(try await secondHolder.ping() == "PONG")
                     // Both slots taken: this client is greeted with "-ERR max number of clients reached" and a close.
-                    try await withClient(server.url, configure: { $0.commandTimeout = .milliseconds(1500) }) { client throws in
+                    try await withClient(server.url, configure: { $0.commandTimeout = .seconds(3) }) { client throws in
                         let error = await #expect(throws: RedisError.self) { try await client.ping() }
                         #expect(error?.message.contains("max number of clients") == true, "\(String(describing: error))")
-                        let stillRefused = await #expect(throws: RedisError.self) { try await client.ping() }
-                        #expect(stillRefused?.message.contains("max number of clients") == true, "\(String(describing: stillRefused))")
+                        await #expect(throws: RedisError.self) { try await client.ping() }
                     }
                 }
                 // One slot is free again for redis-cli.
                 let attempts = try await rejected(server)
                 #expect(attempts >= 2)
-                #expect(attempts <= 20, "\(attempts) connection attempts in about 3 s")
+                #expect(attempts <= 25, "\(attempts) connection attempts in about 6 s")
             }
         }
     }

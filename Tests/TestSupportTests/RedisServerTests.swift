@@ -116,7 +116,7 @@ struct RedisServerTests {
             await server.kill()
             squatter = try #require(listeningSocket(port: server.port))
             defer { close(squatter) }
-            let error = await #expect(throws: TestSupportError.self) { try await server.restart(keepData: true) }
+            let error = await #expect(throws: TestSupportError.self) { try await server.restart(keepData: true, portWait: .seconds(1)) }
             #expect(error?.message.contains(server.address) == true)
             #expect(error?.message.contains("Address already in use") == true)
         }

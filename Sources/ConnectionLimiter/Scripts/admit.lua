@@ -12,7 +12,7 @@
 -- ARGV[6…] node ids the caller knows are dead; their members are dropped when the user is at the limit
 --
 -- Returns {status, count, limit, now, expiredRemoved, deadRemoved, extra…}
---   status 1 = admitted, 2 = admitted after evicting the oldest (extra[1] = evicted member),
+--   status 1 = admitted, 2 = admitted after evicting the oldest (extra = evicted members, oldest first),
 --          3 = already admitted (lease refreshed), 0 = denied (extra = current holders, "<member>|<expiry ms>")
 --          4 = dry run: admitted although the limit would have denied
 -- Run by hand: redis-cli --eval admit.lua fg:{u:alice}:conns fg:{u:alice}:limit fg:{u:alice}:since , n1:c1 20 30000 reject 0
@@ -30,7 +30,12 @@ if expired > 0 and policy == "evict" then
   end
 end
 
-local limit = tonumber(redis.call('GET', limitKey) or ARGV[2]) or tonumber(ARGV[2])
+-- An override counts only when it is an integer 0…1000000; anything else (nan, inf, 2.5, garbage) is ignored.
+local limit = tonumber(ARGV[2])
+local override = tonumber(redis.call('GET', limitKey) or '')
+if override and override == override and override >= 0 and override <= 1000000 and override == math.floor(override) then
+  limit = override
+end
 
 if redis.call('ZSCORE', conns, member) then
   redis.call('ZADD', conns, expiry, member)
@@ -72,15 +77,29 @@ if dryRun then
   return {4, count + 1, limit, now, expired, deadRemoved}
 end
 if policy == "evict" and limit > 0 then
-  local oldest = redis.call('ZRANGE', sinceKey, 0, 0)[1]
-  if not oldest then
-    -- No admission times (entries written under the reject policy): evict the entry whose lease ends first.
-    oldest = redis.call('ZRANGE', conns, 0, 0)[1]
+  -- Evict the oldest admitted entries still present, as many as needed to get under the limit (more than one when
+  -- the limit was lowered). "since" may hold members that expired meanwhile: skip and drop those.
+  local evicted = {}
+  while count >= limit do
+    local oldest = redis.call('ZRANGE', sinceKey, 0, 0)[1]
+    if oldest then
+      redis.call('ZREM', sinceKey, oldest)
+      if redis.call('ZREM', conns, oldest) == 1 then
+        count = count - 1
+        evicted[#evicted + 1] = oldest
+      end
+    else
+      -- No admission times (entries written under the reject policy): evict the entry whose lease ends first.
+      oldest = redis.call('ZRANGE', conns, 0, 0)[1]
+      redis.call('ZREM', conns, oldest)
+      count = count - 1
+      evicted[#evicted + 1] = oldest
+    end
   end
-  redis.call('ZREM', conns, oldest)
-  redis.call('ZREM', sinceKey, oldest)
   add()
-  return {2, count, limit, now, expired, deadRemoved, oldest}
+  local result = {2, count + 1, limit, now, expired, deadRemoved}
+  for _, m in ipairs(evicted) do result[#result + 1] = m end
+  return result
 end
 local result = {0, count, limit, now, expired, deadRemoved}
 local holders = redis.call('ZRANGE', conns, 0, -1, 'WITHSCORES')

@@ -1,4 +1,4 @@
-#!lua
+#!lua flags=allow-oom
 -- Remove every member of one user that belongs to the given nodes (dead nodes, or the caller's own stale members).
 --
 -- KEYS[1]  P:{u:<user>}:conns

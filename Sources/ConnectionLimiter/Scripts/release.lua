@@ -1,4 +1,4 @@
-#!lua
+#!lua flags=allow-oom
 -- Release one connection: remove its member.
 --
 -- KEYS[1]  P:{u:<user>}:conns

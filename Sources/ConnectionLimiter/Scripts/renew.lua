@@ -8,24 +8,44 @@
 -- ARGV[1]  lease TTL in ms
 -- ARGV[2]  limit to apply when KEYS[2] is absent
 -- ARGV[3]  overflow policy: "reject" or "evict" (then "since" is kept too)
--- ARGV[4…] members "<node>:<conn>", oldest admission first
+-- ARGV[4]  n = how many dead node ids follow (this node's earlier incarnations, expired nodes)
+-- ARGV[5…4+n]  dead node ids: their members are dropped before counting
+-- ARGV[5+n…]   members "<node>:<conn>", oldest admission first (at most a few thousand per call)
 --
--- Returns {renewed, readded, lost…}: lost members could not be re-added (the user is at the limit); their
--- owner must close them.
--- Run by hand: redis-cli --eval renew.lua fg:{u:alice}:conns fg:{u:alice}:limit fg:{u:alice}:since , 30000 20 reject n1:c1
+-- Returns {renewed, readded, lost…, "|", readded…}: lost members could not be re-added (the user is at the limit)
+-- and their owner must close them; re-added ones are listed after "|" so the owner can check they are still open.
+-- Run by hand: redis-cli --eval renew.lua fg:{u:alice}:conns fg:{u:alice}:limit fg:{u:alice}:since , 30000 20 reject 0 n1:c1
 local conns, limitKey, sinceKey = KEYS[1], KEYS[2], KEYS[3]
 local ttl, policy = tonumber(ARGV[1]), ARGV[3]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local expiry = now + ttl
 redis.call('ZREMRANGEBYSCORE', conns, '-inf', now)
-local limit = tonumber(redis.call('GET', limitKey) or ARGV[2]) or tonumber(ARGV[2])
+local limit = tonumber(ARGV[2])
+local override = tonumber(redis.call('GET', limitKey) or '')
+if override and override == override and override >= 0 and override <= 1000000 and override == math.floor(override) then
+  limit = override
+end
+local deadCount = tonumber(ARGV[4])
 local members = {}
-for i = 4, #ARGV do members[#members + 1] = ARGV[i] end
+for i = 5 + deadCount, #ARGV do members[#members + 1] = ARGV[i] end
 local result = {0, 0}
 if #members == 0 then return result end
-local scores = redis.call('ZMSCORE', conns, unpack(members))
 local count = redis.call('ZCARD', conns)
+if deadCount > 0 and count >= limit then
+  local dead = {}
+  for i = 5, 4 + deadCount do dead[ARGV[i]] = true end
+  for _, m in ipairs(redis.call('ZRANGE', conns, 0, -1)) do
+    local node = string.match(m, '^([^:]*):')
+    if node and dead[node] then
+      redis.call('ZREM', conns, m)
+      redis.call('ZREM', sinceKey, m)
+    end
+  end
+  count = redis.call('ZCARD', conns)
+end
+local scores = redis.call('ZMSCORE', conns, unpack(members))
+local readded = {}
 for i, member in ipairs(members) do
   if scores[i] then
     redis.call('ZADD', conns, 'XX', expiry, member)
@@ -35,10 +55,13 @@ for i, member in ipairs(members) do
     if policy == "evict" then redis.call('ZADD', sinceKey, 'NX', now, member) end
     count = count + 1
     result[2] = result[2] + 1
+    readded[#readded + 1] = member
   else
     result[#result + 1] = member
   end
 end
 redis.call('PEXPIRE', conns, ttl)
 if policy == "evict" then redis.call('PEXPIRE', sinceKey, ttl) end
+result[#result + 1] = "|"
+for _, member in ipairs(readded) do result[#result + 1] = member end
 return result

@@ -47,6 +47,8 @@ final class RedisConnection: Sendable {
         var timerGeneration: UInt64 = 0
         /// When a reply last arrived (to tell a stuck connection from a slow command).
         var lastReplyAt = NIODeadline.now()
+        /// The last error reply on the current connection (the reason, if the server hangs up right after).
+        var lastErrorReply: String?
         var lastConnectError: RedisError?
     }
 
@@ -301,6 +303,7 @@ final class RedisConnection: Sendable {
         let targets = state.withLockedValue { state -> [RequestQueue<Waiter>.ReplyTarget] in
             guard state.phase.channel === channel else { return [] }
             state.lastReplyAt = now
+            if case .error(let text) = ordinary.last { state.lastErrorReply = text }
             let targets = ordinary.map { reply in
                 let target = state.queue.replyReceived()
                 if case .unexpected = target {
@@ -430,6 +433,7 @@ final class RedisConnection: Sendable {
                 guard case .handshaking(let current) = state.phase, current === channel else { return (false, false) }
                 state.phase = .ready(channel)
                 state.lastConnectError = nil
+                state.lastErrorReply = nil
                 state.lastReplyAt = .now()
                 if state.queue.pendingCount > 0, !state.flushScheduled {
                     state.flushScheduled = true
@@ -450,7 +454,13 @@ final class RedisConnection: Sendable {
             if ContinuousClock.now - connectedAt >= stableAfter {
                 attempt = 0
             } else {
-                let reason = state.withLockedValue { $0.lastConnectError?.message } ?? "the server closed the connection at once"
+                // Closed right after connecting: keep what the server said last as the reason waiting requests report.
+                let reason = state.withLockedValue { state -> String in
+                    if state.lastConnectError == nil, let text = state.lastErrorReply {
+                        state.lastConnectError = RedisError.serverReply(text, address: address)
+                    }
+                    return state.lastConnectError?.message ?? "the server closed the connection at once"
+                }
                 guard await backOff(attempt: &attempt, after: reason) else { break }
             }
         }
