@@ -68,6 +68,7 @@ let package = Package(
             name: "fleetgate",
             dependencies: [
                 "RedisClient",
+                "ConnectionLimiter",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

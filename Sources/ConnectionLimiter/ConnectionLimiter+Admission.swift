@@ -67,19 +67,22 @@ extension ConnectionLimiter {
         guard (0...1_000_000).contains(limit) else {
             throw LimiterError(code: .invalidLimit, message: "limit \(limit) for user \"\(user)\" must be between 0 and 1000000")
         }
-        let entry = state.withLock { state -> (running: Bool, added: Bool, node: String, usable: Bool, fenced: Bool, dead: [String]) in
-            guard state.running else { return (false, false, state.node, false, false, []) }
+        let entry = state.withLock { state -> (running: Bool, added: Bool, node: String, usable: Bool, fenced: Bool, dead: [String], first: Bool) in
+            guard state.running else { return (false, false, state.node, false, false, [], false) }
             let fenced = configuration.policies.onLeaseLoss == .close && (state.fenced || state.leaseLost)
+            let first = !state.table.hasConnections(of: user)
             let added = fenced ? false : state.table.addPending(connection, user: user, limit: limit)
-            return (true, added, state.node, state.registered && !state.leaseLost, fenced, state.deadList)
+            return (true, added, state.node, state.registered && !state.leaseLost, fenced, state.deadList, first)
         }
         guard entry.running else {
-            throw LimiterError(code: .notRunning, message: "the limiter is not running (call run() first); connection \(connection) of user \"\(user)\" refused")
+            throw LimiterError(
+                code: .notRunning, message: "the limiter is not running (call run() first); connection \(connection) of user \"\(user)\" refused")
         }
         guard !entry.fenced else {
             throw LimiterError(
                 code: .redisUnavailable,
-                message: "node \(entry.node) may have lost its lease (Redis unreachable); policy onLeaseLoss=close refuses connection \(connection) of user \"\(user)\" until it re-registers"
+                message:
+                    "node \(entry.node) may have lost its lease (Redis unreachable); policy onLeaseLoss=close refuses connection \(connection) of user \"\(user)\" until it re-registers"
             )
         }
         guard entry.added else {
@@ -92,7 +95,7 @@ extension ConnectionLimiter {
             return try fallback(user: user, connection: connection, limit: limit, reason: "node \(entry.node) is not registered in Redis")
         }
         do {
-            var reply = try await runAdmit(user: user, connection: connection, node: entry.node, limit: limit, dead: entry.dead)
+            var reply = try await runAdmit(user: user, connection: connection, node: entry.node, limit: limit, dead: entry.dead, index: entry.first)
             if reply.status == .denied {
                 reply = try await cleanUpAndRetry(user: user, connection: connection, node: entry.node, limit: limit, denied: reply)
             }
@@ -119,20 +122,18 @@ extension ConnectionLimiter {
     }
 
     /// One admission round trip: the user joins this node's users index, then the script runs (one write).
-    func runAdmit(user: UserID, connection: String, node: String, limit: Int, dead: [String]) async throws -> AdmitReply {
+    ///
+    /// `index`: add the user to this node's users index first (in the same write). Needed for the user's first
+    /// connection here; while the user has another connection here, the index already holds it.
+    func runAdmit(user: UserID, connection: String, node: String, limit: Int, dead: [String], index: Bool = true) async throws -> AdmitReply {
         let member = Member(node: node, connection: connection).text
         let arguments = [member, String(limit), String(leaseMilliseconds), policyArgument, configuration.policies.dryRun ? "1" : "0"] + dead
+        var steps: [PipelineStep] = index ? [.command(RedisCommand("SADD", keys.users(node), user.escaped))] : []
+        steps.append(.script(scripts.admit, keys: keys.userKeys(user), arguments: arguments))
         let started = clock.now
-        let results = try await redis.pipeline(
-            [
-                .command(RedisCommand("SADD", keys.users(node), user.escaped)),
-                .command(RedisCommand("PEXPIRE", keys.users(node), leaseMilliseconds + nodeTTLMilliseconds)),
-                .script(scripts.admit, keys: keys.userKeys(user), arguments: arguments),
-            ],
-            timeout: configuration.admissionTimeout
-        )
+        let results = try await redis.pipeline(steps, timeout: configuration.admissionTimeout)
         metrics.scriptLatency.record(duration: started.duration(to: clock.now))
-        let reply = try AdmitReply(results[2].get(), user: user)
+        let reply = try AdmitReply(results[results.count - 1].get(), user: user)
         if reply.expiredRemoved > 0 { metrics.evictedExpired.increment(by: Int64(reply.expiredRemoved)) }
         if reply.deadRemoved > 0 { metrics.evictedDeadNode.increment(by: Int64(reply.deadRemoved)) }
         return reply
@@ -172,13 +173,15 @@ extension ConnectionLimiter {
                 await verify(user: user, with: liveOwners, requester: node)
             }
         }
-        return try await runAdmit(user: user, connection: connection, node: node, limit: limit, dead: Array(dead))
+        return try await runAdmit(user: user, connection: connection, node: node, limit: limit, dead: Array(dead), index: false)
     }
 
     private func finishAdmission(user: UserID, connection: String, node: String, reply: AdmitReply) async -> AdmissionDecision {
-        var log = nodeLogger(node)
-        log[metadataKey: LogKey.user] = .string(user.rawValue)
-        log[metadataKey: LogKey.connection] = .string(connection)
+        let log = logger
+        // Built only when a debug message is actually logged.
+        func metadata(_ extra: Logger.Metadata) -> Logger.Metadata {
+            extra.merging([LogKey.node: "\(node)", LogKey.user: "\(user)", LogKey.connection: "\(connection)"]) { first, _ in first }
+        }
         switch reply.status {
         case .denied:
             state.withLock { _ = $0.table.remove(connection) }
@@ -186,7 +189,7 @@ extension ConnectionLimiter {
             let holders = reply.holders
             let soonest = holders.map(\.expiry).min().map { $0 - reply.now } ?? 1000
             let retry = Duration.milliseconds(min(max(soonest, 1000), leaseMilliseconds))
-            log.debug("admission denied", metadata: [LogKey.count: "\(reply.count)", LogKey.limit: "\(reply.limit)"])
+            log.debug("admission denied", metadata: metadata([LogKey.count: "\(reply.count)", LogKey.limit: "\(reply.limit)"]))
             return .denied(
                 Denial(
                     user: user.rawValue,
@@ -210,7 +213,9 @@ extension ConnectionLimiter {
             }
             if reply.status == .dryRunOverLimit {
                 metrics.dryRunDenied.increment()
-                log.debug("dry run: the limit would have denied this connection", metadata: [LogKey.count: "\(reply.count)", LogKey.limit: "\(reply.limit)"])
+                log.debug(
+                    "dry run: the limit would have denied this connection",
+                    metadata: metadata([LogKey.count: "\(reply.count)", LogKey.limit: "\(reply.limit)"]))
             } else {
                 metrics.admitted.increment()
             }

@@ -33,6 +33,8 @@ extension ConnectionLimiter {
         guard reply.int(at: 0) == 1 else {
             throw LimiterError(code: .unexpectedReply, message: "registration of node \(node) refused (id already taken): \(reply)")
         }
+        // A fresh or restarted Redis has no scripts cached: load them all now rather than one NOSCRIPT at a time.
+        try? await redis.load(scripts)
         let (previous, staleSubscription) = state.withLock { state -> (String, RedisSubscription?) in
             let previous = state.node
             if state.registered, previous != node {
@@ -79,6 +81,8 @@ extension ConnectionLimiter {
                     .script(scripts.heartbeat, keys: [keys.nodes], arguments: [node, String(ttl), "beat"]),
                     .command(RedisCommand("HSET", keys.node(node), "conns", open, "users", users)),
                     .command(RedisCommand("PEXPIRE", keys.node(node), ttl * 3)),
+                    // The users index outlives the node by a lease, so a sweeper can still walk it.
+                    .command(RedisCommand("PEXPIRE", keys.users(node), leaseMilliseconds + ttl)),
                 ],
                 timeout: configuration.heartbeat.interval
             )

@@ -26,10 +26,11 @@ extension ConnectionLimiter {
                         removed += try results.reduce(0) { $0 + (try $1.get().int ?? 0) }
                     }
                 } while cursor != "0"
-                _ = try await redis.pipeline([
-                    .command(RedisCommand("DEL", keys.users(dead), keys.node(dead))),
-                    .command(RedisCommand("ZREM", keys.nodes, dead)),
-                ], timeout: timeout)
+                _ = try await redis.pipeline(
+                    [
+                        .command(RedisCommand("DEL", keys.users(dead), keys.node(dead))),
+                        .command(RedisCommand("ZREM", keys.nodes, dead)),
+                    ], timeout: timeout)
                 metrics.sweeps.increment()
                 metrics.evictedDeadNode.increment(by: Int64(removed))
                 let elapsed = started.duration(to: clock.now)

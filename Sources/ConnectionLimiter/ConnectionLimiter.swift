@@ -178,19 +178,30 @@ public final class ConnectionLimiter: Service, Sendable {
             (state.node, state.registered, state.table.connections.filter { $0.value.node != nil })
         }
         guard registered else { return }
-        var steps: [PipelineStep] = connections.map { id, connection in
+        let releases: [PipelineStep] = connections.map { id, connection in
             .script(scripts.release, keys: [keys.conns(connection.user), keys.since(connection.user)], arguments: ["\(connection.node!):\(id)"])
         }
-        steps += [
+        let deregistration: [PipelineStep] = [
             .command(RedisCommand("DEL", keys.users(node), keys.node(node))),
             .command(RedisCommand("ZREM", keys.nodes, node)),
             .script(scripts.sweeperLock, keys: [keys.sweeper], arguments: [node, "release"]),
         ]
+        var failed = 0
+        // In slices, so a large node neither builds one giant write nor loses everything to one deadline.
+        for start in stride(from: 0, to: releases.count, by: 1000) {
+            do {
+                let results = try await redis.pipeline(Array(releases[start..<min(start + 1000, releases.count)]), timeout: .seconds(5))
+                failed += results.filter { if case .failure = $0 { return true } else { return false } }.count
+            } catch {
+                failed += min(1000, releases.count - start)
+            }
+        }
         do {
-            _ = try await redis.pipeline(steps, timeout: .seconds(5))
-            nodeLogger(node).info("node drained and deregistered", metadata: ["fleetgate.released": "\(connections.count)"])
+            _ = try await redis.pipeline(deregistration, timeout: .seconds(5))
+            nodeLogger(node).info(
+                "node drained and deregistered", metadata: ["fleetgate.released": "\(connections.count - failed)", "fleetgate.failed": "\(failed)"])
         } catch {
-            nodeLogger(node).info("drain failed; entries will expire with their leases", metadata: [LogKey.error: "\(error)"])
+            nodeLogger(node).info("deregistration failed; peers will sweep this node", metadata: [LogKey.error: "\(error)"])
         }
         state.withLock { state in
             state.registered = false

@@ -10,6 +10,8 @@ struct LimiterScripts: Sendable {
     let heartbeat: RedisScript
     let sweeperLock: RedisScript
 
+    var all: [RedisScript] { [admit, release, renew, purge, heartbeat, sweeperLock] }
+
     static let shared: LimiterScripts = {
         func load(_ name: String) -> RedisScript {
             guard let url = Bundle.module.url(forResource: name, withExtension: "lua", subdirectory: "Scripts"),
@@ -47,20 +49,29 @@ enum PipelineStep: Sendable {
 }
 
 extension RedisClient {
-    /// Sends `steps` in one write; a script step answered with `NOSCRIPT` is re-sent alone with `EVAL`.
+    /// Sends `steps` in one write. Script steps answered with `NOSCRIPT` (a restarted or failed-over Redis) are
+    /// re-sent together once each script is loaded again (`SCRIPT LOAD`, one per script, not per step).
     func pipeline(_ steps: [PipelineStep], timeout: Duration? = nil) async throws -> [Result<RESPValue, RedisError>] {
         var results = try await pipeline(steps.map(\.redisCommand), timeout: timeout)
-        for (index, step) in steps.enumerated() {
-            guard case .script(let script, let keys, let arguments) = step, case .failure(let error) = results[index],
-                error.code == .noScript
-            else { continue }
-            do {
-                results[index] = .success(try await eval(script, keys: keys, arguments: arguments, timeout: timeout))
-            } catch let error as RedisError {
-                results[index] = .failure(error)
-            }
+        let missing = steps.indices.filter { index in
+            guard case .script = steps[index], case .failure(let error) = results[index] else { return false }
+            return error.code == .noScript
         }
+        guard !missing.isEmpty else { return results }
+        var loaded = Set<String>()
+        for index in missing {
+            guard case .script(let script, _, _) = steps[index], !loaded.contains(script.sha1) else { continue }
+            try await load(script)
+            loaded.insert(script.sha1)
+        }
+        let retried = try await pipeline(missing.map { steps[$0].redisCommand }, timeout: timeout)
+        for (index, result) in zip(missing, retried) { results[index] = result }
         return results
+    }
+
+    /// Loads every limiter script (after a registration: a fresh Redis has an empty script cache).
+    func load(_ scripts: LimiterScripts) async throws {
+        _ = try await pipeline(scripts.all.map { RedisCommand("SCRIPT", "LOAD", $0.source) })
     }
 }
 

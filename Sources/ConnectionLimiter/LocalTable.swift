@@ -24,6 +24,8 @@ struct LocalTable: Sendable {
     private(set) var connections: [String: Connection] = [:]
     private(set) var byUser: [UserID: Set<String>] = [:]
     private var nextSequence: UInt64 = 0
+    /// Connections in state `.open`, kept up to date by every change (read on every admission and heartbeat).
+    private(set) var openCount = 0
 
     /// Adds a pending connection; returns `false` when the id is already in use by another user.
     mutating func addPending(_ id: String, user: UserID, limit: Int) -> Bool {
@@ -38,6 +40,7 @@ struct LocalTable: Sendable {
     /// application released it meanwhile: the caller must remove the member it just added.
     mutating func admitted(_ id: String, node: String?) -> Bool {
         guard let state = connections[id]?.state, state == .pending || state == .open else { return false }
+        if state == .pending { openCount += 1 }
         connections[id]?.state = .open
         connections[id]?.node = node
         return true
@@ -60,6 +63,7 @@ struct LocalTable: Sendable {
     /// Marks a connection as released by the application; returns it as it was before.
     mutating func markReleasing(_ id: String) -> Connection? {
         guard let connection = connections[id] else { return nil }
+        if connection.state == .open { openCount -= 1 }
         connections[id]?.state = .releasing
         return connection
     }
@@ -68,6 +72,7 @@ struct LocalTable: Sendable {
     @discardableResult
     mutating func remove(_ id: String) -> (Connection, lastOfUser: Bool)? {
         guard let connection = connections.removeValue(forKey: id) else { return nil }
+        if connection.state == .open { openCount -= 1 }
         byUser[connection.user]?.remove(id)
         let last = byUser[connection.user]?.isEmpty ?? true
         if last { byUser[connection.user] = nil }
@@ -113,6 +118,5 @@ struct LocalTable: Sendable {
             .sorted { $0.connection.sequence < $1.connection.sequence }
     }
 
-    var openCount: Int { connections.values.reduce(0) { $0 + ($1.state == .open ? 1 : 0) } }
     var userCount: Int { byUser.count }
 }

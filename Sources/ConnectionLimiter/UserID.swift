@@ -35,6 +35,10 @@ public struct UserID: Sendable, Hashable, CustomStringConvertible {
 
     public var description: String { rawValue }
 
+    // The escaped form follows from the raw one: compare and hash the raw id only.
+    public static func == (lhs: UserID, rhs: UserID) -> Bool { lhs.rawValue == rhs.rawValue }
+    public func hash(into hasher: inout Hasher) { hasher.combine(rawValue) }
+
     static func escape(_ text: String) -> String {
         var out: [UInt8] = []
         out.reserveCapacity(text.utf8.count)

@@ -65,11 +65,13 @@ struct UserIDTests {
         let openedSecond = table.admitted("c2", node: "n")
         let openedFirst = table.admitted("c1", node: "old")
         #expect(openedFirst && openedSecond)
+        #expect(table.openCount == 2)
         #expect(table.openOldestFirst().map(\.id) == ["c1", "c2"])
         // Renewals of node "n" leave out c1, still held by an earlier incarnation.
         #expect(table.openByUser(node: "n").first?.1.map(\.id) == ["c2"])
         _ = table.markReleasing("c1")
         #expect(!table.isLive("c1"))
+        #expect(table.openCount == 1)
         // A release that raced with a renewal or an admission wins.
         let adopted = table.adopt("c1", node: "n")
         let readmitted = table.admitted("c1", node: "n")
@@ -79,5 +81,6 @@ struct UserIDTests {
         #expect(removedFirst?.lastOfUser == false)
         #expect(removedLast?.lastOfUser == true)
         #expect(table.userCount == 0)
+        #expect(table.openCount == 0)
     }
 }

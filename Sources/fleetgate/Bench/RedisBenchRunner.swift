@@ -1,25 +1,6 @@
 import Foundation
-import Histogram
 import Logging
 import RedisClient
-
-/// Throughput and latency of one measured run.
-struct Measurement: Sendable {
-    var requestsPerSecond: Double
-    var p50Milliseconds: Double
-    var p99Milliseconds: Double
-    /// CPU time (user + system) this process spent per request, in microseconds; `nil` for redis-benchmark.
-    var cpuMicrosecondsPerRequest: Double? = nil
-}
-
-/// User + system CPU time of this process so far, in microseconds.
-func processCPUMicroseconds() -> Double {
-    var usage = rusage()
-    getrusage(RUSAGE_SELF.rawValue, &usage)
-    let user = Double(usage.ru_utime.tv_sec) * 1e6 + Double(usage.ru_utime.tv_usec)
-    let system = Double(usage.ru_stime.tv_sec) * 1e6 + Double(usage.ru_stime.tv_usec)
-    return user + system
-}
 
 /// One workload's result: the client next to redis-benchmark.
 struct RedisBenchResult: Sendable {
@@ -91,60 +72,22 @@ struct RedisBenchRunner: Sendable {
         // Explicit pipelining: `clients` callers, each sending batches of `pipeline` commands, like redis-benchmark.
         let tasks = mode == .automatic ? clients * pipeline : clients
         let batch = mode == .automatic ? 1 : pipeline
-        let clock = ContinuousClock()
-        let cpuBefore = processCPUMicroseconds()
-        let start = clock.now
         let executor: EventLoopTaskExecutor? = onEventLoop ? client.taskExecutor : nil
-        let histogram = try await withThrowingTaskGroup(of: Histogram<UInt64>.self) { group in
-            for task in 0..<tasks {
-                let share = requests / tasks + (task < requests % tasks ? 1 : 0)
-                group.addTask(executorPreference: executor) {
-                    var histogram = Histogram<UInt64>(highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: .three)
-                    var generator = SplitMix64(seed: UInt64(task) &+ 0x9E37_79B9_7F4A_7C15)
-                    var done = 0
-                    while done < share {
-                        let sent = clock.now
-                        if batch == 1 {
-                            try await client.send(command(workload, key: Int.random(in: 0..<Self.keyspace, using: &generator)))
-                        } else {
-                            let count = min(batch, share - done)
-                            let commands = (0..<count).map { _ in command(workload, key: Int.random(in: 0..<Self.keyspace, using: &generator)) }
-                            for reply in try await client.pipeline(commands) { _ = try reply.get() }
-                        }
-                        let elapsed = sent.duration(to: clock.now).components
-                        let micros = UInt64(elapsed.seconds) * 1_000_000 + UInt64(elapsed.attoseconds / 1_000_000_000_000)
-                        let count = min(batch, share - done)
-                        _ = histogram.record(micros, count: UInt64(count))
-                        done += count
-                    }
-                    return histogram
-                }
+        return try await measureConcurrently(tasks: tasks, requests: requests, executor: executor) { _, _, remaining, generator in
+            if batch == 1 {
+                try await client.send(command(workload, key: Int.random(in: 0..<Self.keyspace, using: &generator)))
+                return 1
             }
-            var total = Histogram<UInt64>(highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: .three)
-            for try await part in group { total.add(part) }
-            return total
+            let count = min(batch, remaining)
+            let commands = (0..<count).map { _ in command(workload, key: Int.random(in: 0..<Self.keyspace, using: &generator)) }
+            for reply in try await client.pipeline(commands) { _ = try reply.get() }
+            return count
         }
-        let elapsed = start.duration(to: clock.now).components
-        let cpu = processCPUMicroseconds() - cpuBefore
-        let seconds = Double(elapsed.seconds) + Double(elapsed.attoseconds) / 1e18
-        return Measurement(
-            requestsPerSecond: Double(requests) / seconds,
-            p50Milliseconds: Double(histogram.valueAtPercentile(50)) / 1000,
-            p99Milliseconds: Double(histogram.valueAtPercentile(99)) / 1000,
-            cpuMicrosecondsPerRequest: cpu / Double(requests)
-        )
     }
 
     /// Deletes the benchmark's keys (SCAN + UNLINK, never FLUSHALL).
     private func cleanUp(_ client: RedisClient) async throws {
-        var cursor = "0"
-        repeat {
-            let reply = try await client.send("SCAN", cursor, "MATCH", "fgbench:*", "COUNT", 1000)
-            guard let parts = reply.array, parts.count == 2, let next = parts[0].string, let keys = parts[1].array else { break }
-            cursor = next
-            let names = keys.compactMap(\.string)
-            if !names.isEmpty { try await client.send(RedisCommand("UNLINK", arguments: names)) }
-        } while cursor != "0"
+        try await client.unlinkKeys(matching: "fgbench:*")
     }
 
     static func report(_ results: [RedisBenchResult], clients: Int, pipeline: Int, requests: Int) -> String {
@@ -164,26 +107,5 @@ struct RedisBenchRunner: Sendable {
             )
         }
         return lines.joined(separator: "\n")
-    }
-
-    private static func pad(_ text: String, _ width: Int) -> String {
-        text.count >= width ? text + " " : text + String(repeating: " ", count: width - text.count)
-    }
-
-    private static func format(_ value: Double, _ decimals: Int) -> String {
-        String(format: "%.\(decimals)f", value)
-    }
-}
-
-/// A tiny, fast PRNG for picking keys (the system generator makes a syscall per number).
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }
