@@ -481,8 +481,8 @@ struct AdmitBenchRunner: Sendable {
             "   " + pad("redis-benchmark EVALSHA", 26) + pad(format(reference.requestsPerSecond, 0), 14)
                 + pad(format(reference.p50Milliseconds, 3), 9) + pad(format(reference.p99Milliseconds, 3), 9) + pad("-", 19) + "-",
             "   ratio limiter / redis-benchmark: \(format(throughput.ratio, 2))x (goal >= 0.85)",
-            "   note: one limiter admission is 3 commands in one write (SADD users index, PEXPIRE, EVALSHA admit.lua); "
-                + "redis-benchmark sends the EVALSHA alone",
+            "   note: a limiter admission is EVALSHA admit.lua, plus a SADD to the node's users index in the same write for a "
+                + "user's first connection on the node; redis-benchmark sends the EVALSHA alone",
         ]
         if throughput.renewalDuringMeasurement {
             lines.append("   note: the measurement outlasted the node's first lease renewal (15 s), which competed with it")

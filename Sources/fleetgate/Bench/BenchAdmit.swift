@@ -19,8 +19,9 @@ struct BenchAdmit: AsyncParsableCommand {
             connections (random users out of USERS, unique connection ids, nothing released) from CLIENTS x PIPELINE \
             concurrent tasks, after a warm-up of a tenth as many. Printed: admissions/s, p50/p99 latency of \
             admit(user:connection:) (HdrHistogram), this process's CPU µs per admission, denials (users at LIMIT), and \
-            the ratio limiter / redis-benchmark (goal >= 0.85). One limiter admission is 3 commands in one write (SADD \
-            to the node's users index, PEXPIRE of it, EVALSHA admit.lua); redis-benchmark sends the EVALSHA alone.
+            the ratio limiter / redis-benchmark (goal >= 0.85). A limiter admission is the EVALSHA of admit.lua, \
+            preceded in the same write by a SADD to the node's users index for a user's first connection on the node; \
+            redis-benchmark sends the EVALSHA alone.
 
             2. Memory per live connection. used_memory (INFO memory) before and after MEMORY_USERS x \
             MEMORY_CONNECTIONS_PER_USER admissions: once with the admission script alone (EVALSHA pipelined \
