@@ -290,8 +290,14 @@ extension ConnectionLimiter {
         guard let entry = state.withLock({ $0.table.markReleasing(connection) }) else { return }
         // Still pending: the admission in flight sees the release and removes its member itself.
         if entry.state == .pending { return }
+        await sendRelease(connection, entry)
+    }
+
+    /// Removes the member of a releasing connection, then the connection; on failure, queues it for a retry.
+    private func sendRelease(_ connection: String, _ entry: LocalTable.Connection) async {
         guard let node = entry.node else {
-            finishRelease(connection)
+            state.withLock { _ = $0.table.remove(connection) }
+            metrics.activeConnections.record(localConnectionCount)
             return
         }
         do {
@@ -301,28 +307,20 @@ extension ConnectionLimiter {
                 arguments: [Member(node: node, connection: connection).text],
                 timeout: configuration.admissionTimeout
             )
-            await finishRelease(connection, node: node)
         } catch {
             state.withLock { _ = $0.releaseRetries.insert(connection) }
             nodeLogger(node).debug("release failed; will retry", metadata: [LogKey.connection: "\(connection)", LogKey.error: "\(error)"])
+            return
         }
-    }
-
-    private func finishRelease(_ connection: String, node: String) async {
-        guard let (entry, last) = state.withLock({ $0.table.remove(connection) }) else { return }
+        guard let (removed, last) = state.withLock({ $0.table.remove(connection) }) else { return }
         metrics.activeConnections.record(localConnectionCount)
         guard last else { return }
-        _ = try? await redis.send(RedisCommand("SREM", keys.users(node), entry.user.escaped), timeout: configuration.admissionTimeout)
+        _ = try? await redis.send(RedisCommand("SREM", keys.users(node), removed.user.escaped), timeout: configuration.admissionTimeout)
         // An admission of the same user may have sent its SADD before this SREM: put the user back if so, so the
         // sweeper still finds the user should this node die.
-        if state.withLock({ $0.table.hasConnections(of: entry.user) }) {
-            _ = try? await redis.send(RedisCommand("SADD", keys.users(node), entry.user.escaped), timeout: configuration.admissionTimeout)
+        if state.withLock({ $0.table.hasConnections(of: removed.user) }) {
+            _ = try? await redis.send(RedisCommand("SADD", keys.users(node), removed.user.escaped), timeout: configuration.admissionTimeout)
         }
-    }
-
-    private func finishRelease(_ connection: String) {
-        state.withLock { _ = $0.table.remove(connection) }
-        metrics.activeConnections.record(localConnectionCount)
     }
 
     /// Retries failed releases every second.
@@ -333,23 +331,7 @@ extension ConnectionLimiter {
                 state.releaseRetries = []
                 return ids.compactMap { id in state.table.connection(id).map { (id, $0) } }
             }
-            for (id, entry) in pending {
-                guard let node = entry.node else {
-                    finishRelease(id)
-                    continue
-                }
-                do {
-                    try await redis.eval(
-                        scripts.release,
-                        keys: [keys.conns(entry.user), keys.since(entry.user)],
-                        arguments: [Member(node: node, connection: id).text],
-                        timeout: configuration.admissionTimeout
-                    )
-                    await finishRelease(id, node: node)
-                } catch {
-                    state.withLock { _ = $0.releaseRetries.insert(id) }
-                }
-            }
+            for (id, entry) in pending { await sendRelease(id, entry) }
         }
     }
 }

@@ -93,7 +93,7 @@ struct FailureTests {
             try await withClient("redis://app:right-password@\(host)") { client throws in
                 #expect(try await client.send("ACL", "WHOAMI").string == "app")
             }
-            let before = try await connectionsReceived(server)
+            let before = try await statsCounter(server, "total_connections_received")
             let clock = ContinuousClock()
             let started = clock.now
             try await withClient("redis://app:wrong@\(host)", configure: { $0.commandTimeout = .seconds(10) }) { client throws in
@@ -108,16 +108,10 @@ struct FailureTests {
                 try await Task.sleep(for: .seconds(1))
                 await #expect(throws: RedisError.self) { try await client.ping() }
             }
-            let attempts = try await connectionsReceived(server) - before
+            let attempts = try await statsCounter(server, "total_connections_received") - before
             #expect(attempts >= 1)
             #expect(attempts <= 12, "\(attempts) connection attempts in about a second")
         }
-    }
-
-    private func connectionsReceived(_ server: RedisServer) async throws -> Int {
-        let info = try await server.cli("INFO", "stats")
-        let line = info.split(whereSeparator: \.isNewline).first { $0.hasPrefix("total_connections_received:") }
-        return Int(line?.split(separator: ":").last?.trimmingCharacters(in: .whitespaces) ?? "") ?? -1
     }
 
     @Test("after shutdown, requests fail with clientShutdown")

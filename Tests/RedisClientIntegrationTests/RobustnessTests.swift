@@ -50,39 +50,27 @@ struct RobustnessTests {
                     }
                 }
                 // One slot is free again for redis-cli.
-                let attempts = try await rejected(server)
+                let attempts = try await statsCounter(server, "rejected_connections")
                 #expect(attempts >= 2)
                 #expect(attempts <= 25, "\(attempts) connection attempts in about 6 s")
             }
         }
     }
 
-    private func rejected(_ server: RedisServer) async throws -> Int {
-        let info = try await server.cli("INFO", "stats")
-        let line = info.split(whereSeparator: \.isNewline).first { $0.hasPrefix("rejected_connections:") }
-        return Int(line?.split(separator: ":").last?.trimmingCharacters(in: .whitespaces) ?? "") ?? -1
-    }
-
     @Test("a refused SUBSCRIBE (NOPERM) fails the subscription with Redis's error, without a reconnect storm")
     func refusedSubscription() async throws {
         try await RedisServer.withServer { server throws in
             _ = try await server.cli("ACL", "SETUSER", "nosub", "on", ">pw", "~*", "+@all", "resetchannels")
-            let before = try await connections(server)
+            let before = try await statsCounter(server, "total_connections_received")
             try await withClient("redis://nosub:pw@127.0.0.1:\(server.port)") { client throws in
                 let error = await #expect(throws: RedisError.self) { try await client.subscribe(to: ["forbidden"]) }
                 #expect(error?.serverErrorPrefix == "NOPERM")
                 #expect(try await client.ping() == "PONG")
             }
             // The command connection, the pub/sub connection and this INFO's own connection.
-            let opened = try await connections(server) - before
+            let opened = try await statsCounter(server, "total_connections_received") - before
             #expect(opened <= 3, "\(opened) connections")
         }
-    }
-
-    private func connections(_ server: RedisServer) async throws -> Int {
-        let info = try await server.cli("INFO", "stats")
-        let line = info.split(whereSeparator: \.isNewline).first { $0.hasPrefix("total_connections_received:") }
-        return Int(line?.split(separator: ":").last?.trimmingCharacters(in: .whitespaces) ?? "") ?? 99
     }
 
     @Test("replies nested up to hiredis 0.14's depth 7 decode; deeper ones fail clearly and the client recovers")

@@ -29,3 +29,10 @@ func eventually(timeout: Duration = .seconds(10), _ condition: () async throws -
     }
     return try await condition()
 }
+
+/// A counter from the server's `INFO stats` (e.g. `total_connections_received`), read with redis-cli.
+func statsCounter(_ server: RedisServer, _ name: String) async throws -> Int {
+    let info = try await server.cli("INFO", "stats")
+    let line = info.split(whereSeparator: \.isNewline).first { $0.hasPrefix("\(name):") }
+    return Int(line?.split(separator: ":").last?.trimmingCharacters(in: .whitespaces) ?? "") ?? -1
+}
