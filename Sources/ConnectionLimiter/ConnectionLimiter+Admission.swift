@@ -128,12 +128,15 @@ extension ConnectionLimiter {
     func runAdmit(user: UserID, connection: String, node: String, limit: Int, dead: [String], index: Bool = true) async throws -> AdmitReply {
         let member = Member(node: node, connection: connection).text
         let arguments = [member, String(limit), String(leaseMilliseconds), policyArgument, configuration.policies.dryRun ? "1" : "0"] + dead
-        var steps: [PipelineStep] = index ? [.command(RedisCommand("SADD", keys.users(node), user.escaped))] : []
-        steps.append(.script(scripts.admit, keys: keys.userKeys(user), arguments: arguments))
         let started = clock.now
-        let results = try await redis.pipeline(steps, timeout: configuration.admissionTimeout)
+        if index {
+            // Queued ahead of the script on the same connection: if it cannot be written, neither can the script.
+            try redis.sendWithoutReply(RedisCommand("SADD", strings: [keys.users(node), user.escaped]), timeout: configuration.admissionTimeout)
+        }
+        let results = try await redis.pipeline(
+            [.script(scripts.admit, keys: keys.userKeys(user), arguments: arguments)], timeout: configuration.admissionTimeout)
         metrics.scriptLatency.record(duration: started.duration(to: clock.now))
-        let reply = try AdmitReply(results[results.count - 1].get(), user: user)
+        let reply = try AdmitReply(results[0].get(), user: user)
         if reply.expiredRemoved > 0 { metrics.evictedExpired.increment(by: Int64(reply.expiredRemoved)) }
         if reply.deadRemoved > 0 { metrics.evictedDeadNode.increment(by: Int64(reply.deadRemoved)) }
         return reply

@@ -76,6 +76,13 @@ public final class RedisClient: Sendable, Service {
         try await connection.send(RedisCommand(name, arguments: arguments), deadline: deadline(nil))
     }
 
+    /// Queues a command without waiting for its reply (which is dropped, as is any failure). It leaves on the
+    /// connection before every command sent after this call returns, so a following `send` can rely on its effect
+    /// unless the connection fails — and then that `send` fails too.
+    public func sendWithoutReply(_ command: RedisCommand, timeout: Duration? = nil) throws(RedisError) {
+        try connection.enqueueDiscarding(command, deadline: deadline(timeout))
+    }
+
     /// Sends commands back to back in one write and returns each one's reply or error reply, in order.
     ///
     /// A connection failure or the deadline fails the whole batch (thrown); an error *reply* fails only its element.

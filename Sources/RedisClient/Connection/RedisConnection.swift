@@ -14,6 +14,8 @@ final class RedisConnection: Sendable {
     enum Waiter: Sendable {
         case single(UnsafeContinuation<RESPValue, any Error>)
         case batch(PipelineCollector, Int)
+        /// Nobody waits: the reply (or failure) is dropped.
+        case discard
     }
 
     enum Mode: Sendable {
@@ -99,6 +101,14 @@ final class RedisConnection: Sendable {
             }
         } onCancel: {
             cancel(id: id)
+        }
+    }
+
+    /// Queues a command whose reply nobody waits for; it leaves before any command queued after it.
+    func enqueueDiscarding(_ command: RedisCommand, deadline: NIODeadline) throws(RedisError) {
+        let id = nextID.wrappingAdd(1, ordering: .relaxed).newValue
+        try Hiredis.withEncoded(command) { bytes in
+            enqueue(id: id, deadline: deadline, waiter: .discard, bytes: bytes)
         }
     }
 
@@ -279,6 +289,7 @@ final class RedisConnection: Sendable {
             switch waiter {
             case .single(let continuation): continuation.resume(throwing: error)
             case .batch(let collector, _): collector.fail(error)
+            case .discard: break
             }
         }
     }
@@ -301,7 +312,12 @@ final class RedisConnection: Sendable {
         var write: ByteBuffer? = nil
         let now = NIODeadline.now()
         let targets = state.withLockedValue { state -> [RequestQueue<Waiter>.ReplyTarget] in
-            guard state.phase.channel === channel else { return [] }
+            guard state.phase.channel === channel else {
+                // A channel not published yet (the server greeted with an error and hung up at once): keep the
+                // reason for the set-up failure to report.
+                if case .error(let text) = ordinary.last { state.lastConnectError = RedisError.serverReply(text, address: address) }
+                return []
+            }
             state.lastReplyAt = now
             if case .error(let text) = ordinary.last { state.lastErrorReply = text }
             let targets = ordinary.map { reply in
@@ -333,6 +349,8 @@ final class RedisConnection: Sendable {
                 } else {
                     collector.complete(index, .success(reply))
                 }
+            case .discard:
+                break
             }
         }
         if unexpected {

@@ -61,6 +61,15 @@ public struct RedisCommand: Sendable, Hashable {
         self.init(name, arguments: arguments)
     }
 
+    /// Creates a command from its name and text arguments (no existential boxing: the fast path for hot loops).
+    public init(_ name: String, strings: some Collection<String>) {
+        storage = []
+        lengths = []
+        lengths.reserveCapacity(strings.count + 1)
+        append(name)
+        for argument in strings { append(argument) }
+    }
+
     /// Creates a command from its name and an array of arguments.
     public init(_ name: String, arguments: [any RESPArgumentConvertible]) {
         storage = []
