@@ -47,6 +47,21 @@ struct PubSubTests {
         }
     }
 
+    @Test("a subscription dropped without being iterated unsubscribes (no leak)")
+    func droppedSubscription() async throws {
+        let server = try await SharedRedisServer.get()
+        let channel = uniqueKeyPrefix() + "dropped"
+        try await withClient(server.url) { client throws in
+            do {
+                let subscription = try await client.subscribe(to: [channel])
+                #expect(try await client.send("PUBSUB", "NUMSUB", channel).array?.last == .integer(1))
+                _ = subscription
+            }
+            let dropped = await eventually { (try? await client.send("PUBSUB", "NUMSUB", channel))?.array?.last == .integer(0) }
+            #expect(dropped)
+        }
+    }
+
     @Test("a subscription resumes after the server restarts")
     func resumesAfterRestart() async throws {
         try await RedisServer.withServer { server throws in

@@ -15,22 +15,55 @@ public struct RedisPubSubMessage: Sendable, Hashable {
 ///
 /// Redis pub/sub is at-most-once: messages published while the connection is down are not delivered, and the client
 /// re-subscribes automatically after a reconnect. The subscription ends (and unsubscribes) when iteration is cancelled,
-/// when ``unsubscribe()`` is called, or when the client shuts down.
+/// when ``unsubscribe()`` is called, when the subscription and all its iterators are gone, or when the client shuts
+/// down.
 public struct RedisSubscription: AsyncSequence, Sendable {
     public typealias Element = RedisPubSubMessage
     public typealias Failure = Never
 
     let stream: AsyncStream<RedisPubSubMessage>
-    let id: UInt64
-    let router: PubSubRouter
+    let token: Token
+
+    /// Unsubscribes when the last copy of the subscription or of its iterators goes away (the router keeps the
+    /// stream's continuation, so the stream alone would never end).
+    final class Token: Sendable {
+        let id: UInt64
+        weak let router: PubSubRouter?
+
+        init(id: UInt64, router: PubSubRouter) {
+            self.id = id
+            self.router = router
+        }
+
+        deinit { router?.remove(id) }
+    }
+
+    init(stream: AsyncStream<RedisPubSubMessage>, id: UInt64, router: PubSubRouter) {
+        self.stream = stream
+        self.token = Token(id: id, router: router)
+    }
 
     /// Stops the subscription: the sequence finishes and channels nobody else listens to are unsubscribed.
     public func unsubscribe() {
-        router.remove(id)
+        token.router?.remove(token.id)
     }
 
-    public func makeAsyncIterator() -> AsyncStream<RedisPubSubMessage>.Iterator {
-        stream.makeAsyncIterator()
+    /// Iterates the messages; keeps the subscription alive while it exists.
+    public struct AsyncIterator: AsyncIteratorProtocol {
+        var base: AsyncStream<RedisPubSubMessage>.Iterator
+        let token: Token
+
+        public mutating func next() async -> RedisPubSubMessage? {
+            await base.next()
+        }
+
+        public mutating func next(isolation actor: isolated (any Actor)?) async -> RedisPubSubMessage? {
+            await base.next(isolation: actor)
+        }
+    }
+
+    public func makeAsyncIterator() -> AsyncIterator {
+        AsyncIterator(base: stream.makeAsyncIterator(), token: token)
     }
 }
 
