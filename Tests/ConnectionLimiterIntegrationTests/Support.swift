@@ -65,16 +65,6 @@ func testConfiguration(prefix: String = uniqueKeyPrefix(), limit: Int = 20, _ ad
     return configuration
 }
 
-/// Polls `condition` every 10 ms until it holds or `timeout` passes (for states no event announces).
-func eventually(timeout: Duration = .seconds(10), _ condition: () async throws -> Bool) async rethrows -> Bool {
-    let deadline = ContinuousClock.now + timeout
-    while ContinuousClock.now < deadline {
-        if try await condition() { return true }
-        try? await Task.sleep(for: .milliseconds(10))
-    }
-    return try await condition()
-}
-
 /// Runs `body` with a plain client (for inspecting and seeding Redis directly).
 func withClient<T: Sendable>(_ url: String, _ body: (RedisClient) async throws -> T) async throws -> T {
     let client = RedisClient(configuration: try RedisClientConfiguration(url: url))

@@ -19,17 +19,6 @@ func withClient<T: Sendable>(
     }
 }
 
-/// Polls `condition` every 10 ms until it holds or `timeout` passes; for states no event announces
-/// (a server-side subscriber count, bytes reaching a socket). Returns whether it held.
-func eventually(timeout: Duration = .seconds(10), _ condition: () async throws -> Bool) async rethrows -> Bool {
-    let deadline = ContinuousClock.now + timeout
-    while ContinuousClock.now < deadline {
-        if try await condition() { return true }
-        try? await Task.sleep(for: .milliseconds(10))
-    }
-    return try await condition()
-}
-
 /// A counter from the server's `INFO stats` (e.g. `total_connections_received`), read with redis-cli.
 func statsCounter(_ server: RedisServer, _ name: String) async throws -> Int {
     let info = try await server.cli("INFO", "stats")

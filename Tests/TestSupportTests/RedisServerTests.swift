@@ -278,15 +278,3 @@ private func listeningSocket(port: Int) -> Int32? {
     }
     return descriptor
 }
-
-/// Polls `condition` every 10 ms for up to `timeout`.
-private func eventually(timeout: Duration = .seconds(3), _ condition: () -> Bool) async -> Bool {
-    let deadline = ContinuousClock.now + timeout
-    while ContinuousClock.now < deadline {
-        if condition() {
-            return true
-        }
-        try? await Task.sleep(for: .milliseconds(10))
-    }
-    return condition()
-}

@@ -37,7 +37,7 @@ struct TCPProxyTests {
 
             proxy.cut()
             #expect(await open.readLine(timeout: .seconds(3)) == .closed)
-            #expect(await waitUntil { proxy.connectionCount == 0 })
+            #expect(await eventually { proxy.connectionCount == 0 })
 
             let refused = try TestClient.connect(port: proxy.port)
             _ = await refused.send("PING\r\n")
@@ -64,7 +64,7 @@ struct TCPProxyTests {
             #expect(await late.send("PING\r\n"))
             #expect(await early.readLine(timeout: .milliseconds(300)) == .timedOut)
             #expect(await late.readLine(timeout: .milliseconds(50)) == .timedOut)
-            #expect(await waitUntil { proxy.connectionCount == 2 })
+            #expect(await eventually { proxy.connectionCount == 2 })
 
             proxy.restore()
             #expect(await early.readLine() == .line("$5"))
@@ -113,9 +113,9 @@ struct TCPProxyTests {
             #expect(await second.ping() == .line("+PONG"))
             #expect(proxy.connectionCount == 2)
             first.close()
-            #expect(await waitUntil { proxy.connectionCount == 1 })
+            #expect(await eventually { proxy.connectionCount == 1 })
             second.close()
-            #expect(await waitUntil { proxy.connectionCount == 0 })
+            #expect(await eventually { proxy.connectionCount == 0 })
         }
     }
 
@@ -126,7 +126,7 @@ struct TCPProxyTests {
             #expect(await client.send("QUIT\r\n"))
             #expect(await client.readLine() == .line("+OK"))
             #expect(await client.readLine(timeout: .seconds(3)) == .closed)
-            #expect(await waitUntil { proxy.connectionCount == 0 })
+            #expect(await eventually { proxy.connectionCount == 0 })
         }
     }
 
@@ -139,7 +139,7 @@ struct TCPProxyTests {
             let key = uniqueKeyPrefix() + "last-words"
             #expect(await client.send("SET \(key) delivered\r\n"))
             client.close()
-            #expect(await waitUntil { proxy.connectionCount == 0 })
+            #expect(await eventually { proxy.connectionCount == 0 })
             #expect(try await server.cli("GET", key) == "delivered")
         }
     }
@@ -150,7 +150,7 @@ struct TCPProxyTests {
         let client = try TestClient.connect(port: proxy.port)
         _ = await client.send("PING\r\n")
         #expect(await client.readLine(timeout: .seconds(3)) == .closed)
-        #expect(await waitUntil { proxy.connectionCount == 0 })
+        #expect(await eventually { proxy.connectionCount == 0 })
         await proxy.stop()
     }
 
@@ -170,7 +170,7 @@ struct TCPProxyTests {
             if sentEverything {
                 #expect(await client.readLine(timeout: .seconds(3)) == .closed)
             }
-            #expect(await waitUntil { proxy.connectionCount == 0 })
+            #expect(await eventually { proxy.connectionCount == 0 })
         }
     }
 
@@ -195,7 +195,7 @@ struct TCPProxyTests {
         let port = try #require(proxy?.port)
         #expect(Sockets.connectionError(port: port) == nil)
         proxy = nil
-        #expect(await waitUntil { Sockets.connectionError(port: port) == ECONNREFUSED })
+        #expect(await eventually { Sockets.connectionError(port: port) == ECONNREFUSED })
     }
 }
 
@@ -211,18 +211,6 @@ private func withProxiedServer(_ body: (RedisServer, TCPProxy) async throws -> V
             throw error
         }
     }
-}
-
-/// Polls `condition` every 10 ms for up to `timeout`.
-private func waitUntil(timeout: Duration = .seconds(3), _ condition: () -> Bool) async -> Bool {
-    let deadline = ContinuousClock.now + timeout
-    while ContinuousClock.now < deadline {
-        if condition() {
-            return true
-        }
-        try? await Task.sleep(for: .milliseconds(10))
-    }
-    return condition()
 }
 
 /// A blocking TCP client socket to 127.0.0.1; reads wait at most a given timeout (via `poll`) and run on their own
