@@ -75,7 +75,8 @@ final class PubSubRouter: Sendable {
         }
         let (stream, continuation) = AsyncStream<RedisPubSubMessage>.makeStream(bufferingPolicy: .unbounded)
         let id: UInt64
-        let (registered, send, channel, wake) = try state.withLock { state throws(RedisError) in
+        let connection = connection.withLock { $0 }
+        let (registered, wake) = try state.withLock { state throws(RedisError) in
             if state.shutdown {
                 throw RedisError(code: .clientShutdown, message: "the Redis client for \(address) was shut down")
             }
@@ -93,15 +94,17 @@ final class PubSubRouter: Sendable {
                 wake = state.neededWaiter
                 state.neededWaiter = nil
             }
-            return (id, newTopics, state.channel, wake)
+            // Written under the lock, so (UN)SUBSCRIBEs of concurrent callers reach the server in the order in which
+            // they changed the listeners.
+            if let channel = state.channel, let connection, !newTopics.isEmpty {
+                for command in Self.commands(for: newTopics, subscribe: true) { connection.write(command, to: channel) }
+            }
+            return (id, wake)
         }
         id = registered
         wake?.resume(returning: true)
         continuation.onTermination = { [weak self] _ in self?.remove(id) }
         let subscription = RedisSubscription(stream: stream, id: id, router: self)
-        if let channel, !send.isEmpty, let connection = connection.withLock({ $0 }) {
-            for command in Self.commands(for: send, subscribe: true) { connection.write(command, to: channel) }
-        }
         do {
             try await waitForConfirmation(of: Set(topics), id: id, deadline: deadline, timeout: timeout)
         } catch {
@@ -138,8 +141,9 @@ final class PubSubRouter: Sendable {
 
     /// Ends subscription `id`; unsubscribes from topics nobody listens to any more.
     func remove(_ id: UInt64) {
-        let (subscriber, drop, channel, confirmation) = state.withLock { state -> (Subscriber?, [Topic], (any Channel)?, Confirmation?) in
-            guard let subscriber = state.subscribers.removeValue(forKey: id) else { return (nil, [], nil, nil) }
+        let connection = connection.withLock { $0 }
+        let (subscriber, confirmation) = state.withLock { state -> (Subscriber?, Confirmation?) in
+            guard let subscriber = state.subscribers.removeValue(forKey: id) else { return (nil, nil) }
             var drop: [Topic] = []
             for topic in subscriber.topics {
                 state.listeners[topic]?.remove(id)
@@ -149,25 +153,28 @@ final class PubSubRouter: Sendable {
                     drop.append(topic)
                 }
             }
-            return (subscriber, drop, state.channel, state.confirmations.removeValue(forKey: id))
+            if let channel = state.channel, let connection, !drop.isEmpty {
+                for command in Self.commands(for: drop, subscribe: false) { connection.write(command, to: channel) }
+            }
+            return (subscriber, state.confirmations.removeValue(forKey: id))
         }
         subscriber?.continuation.finish()
         confirmation?.continuation.resume(throwing: RedisError(code: .cancelled, message: "subscription to \(address) was cancelled"))
-        if let channel, !drop.isEmpty, let connection = connection.withLock({ $0 }) {
-            for command in Self.commands(for: drop, subscribe: false) { connection.write(command, to: channel) }
-        }
     }
 
     /// A new pub/sub connection (before requests flow): subscribe to every topic again.
     func connected(_ channel: any Channel) {
-        let topics = state.withLock { state -> [Topic] in
+        let connection = connection.withLock { $0 }
+        let count = state.withLock { state -> Int in
             state.channel = channel
             state.confirmed = []
-            return Array(state.listeners.keys)
+            let topics = Array(state.listeners.keys)
+            if let connection, !topics.isEmpty {
+                for command in Self.commands(for: topics, subscribe: true) { connection.write(command, to: channel) }
+            }
+            return topics.count
         }
-        guard let connection = connection.withLock({ $0 }), !topics.isEmpty else { return }
-        logger.debug("re-subscribing", metadata: ["redis.topics": "\(topics.count)"])
-        for command in Self.commands(for: topics, subscribe: true) { connection.write(command, to: channel) }
+        if count > 0 { logger.debug("re-subscribing", metadata: ["redis.topics": "\(count)"]) }
     }
 
     /// A push from the server: a message, or a (un)subscribe confirmation. Called on the event loop, in order.
