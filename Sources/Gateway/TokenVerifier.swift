@@ -1,0 +1,161 @@
+import Foundation
+import JWTKit
+
+/// Who a WebSocket client is, from its token.
+public struct GatewayIdentity: Sendable, Hashable {
+    /// The user id (the token's `sub`).
+    public var user: String
+    /// The user's limit from the token's `conn_limit` claim, if it has one (a Redis override still wins).
+    public var connectionLimit: Int?
+}
+
+/// Why a token was refused: every check names itself, so the 401 body can say which one failed.
+public struct TokenError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// The check that failed.
+    public struct Check: Hashable, Sendable, CustomStringConvertible {
+        private let name: String
+        private init(_ name: String) { self.name = name }
+
+        /// No token in `Authorization: Bearer …` nor `?access_token=…`.
+        public static let missing = Check("missing")
+        /// Not three base64url parts with a JSON header and payload.
+        public static let malformed = Check("malformed")
+        /// The header's `alg` is not the one this gateway accepts (`none`, or HS/RS confusion).
+        public static let algorithm = Check("algorithm")
+        /// The signature does not verify with the configured key.
+        public static let signature = Check("signature")
+        /// `exp` is missing or in the past (beyond the leeway).
+        public static let expired = Check("expired")
+        /// `nbf` is in the future (beyond the leeway).
+        public static let notYetValid = Check("not_yet_valid")
+        /// `sub` is missing or empty.
+        public static let subject = Check("subject")
+        /// `conn_limit` is not an integer from 0 to 1,000,000.
+        public static let connectionLimit = Check("conn_limit")
+
+        public var description: String { name }
+    }
+
+    /// The check that failed.
+    public var check: Check
+    /// A sentence for the client and the logs (never the token itself).
+    public var message: String
+
+    public var description: String { "token refused (\(check)): \(message)" }
+}
+
+/// Verifies client tokens: a JWT signed with HS256 (a shared secret) or RS256/ES256 (a PEM public key), with the
+/// algorithm pinned to the configured one, `exp` required and `nbf` honoured with a small leeway.
+public struct TokenVerifier: Sendable {
+    /// The key tokens must be signed with; it also fixes the one algorithm accepted.
+    public enum Key: Sendable {
+        /// HS256 with this shared secret.
+        case hs256(secret: String)
+        /// RS256 with this PEM public key.
+        case rs256(publicKeyPEM: String)
+        /// ES256 with this PEM public key.
+        case es256(publicKeyPEM: String)
+
+        var algorithm: String {
+            switch self {
+            case .hs256: return "HS256"
+            case .rs256: return "RS256"
+            case .es256: return "ES256"
+            }
+        }
+    }
+
+    let keys: JWTKeyCollection
+    /// The only `alg` accepted.
+    public let algorithm: String
+    /// Clock tolerance for `exp` and `nbf`. Defaults to 30 seconds.
+    public let leeway: Duration
+
+    /// Creates a verifier for `key`.
+    /// - Throws: when the key cannot be used (an empty secret, a PEM that is not a public key of that kind).
+    public init(key: Key, leeway: Duration = .seconds(30)) async throws {
+        let keys = JWTKeyCollection()
+        switch key {
+        case .hs256(let secret):
+            // RFC 7518: an HS256 key must be at least as long as the hash (32 bytes); jwt-kit traps on shorter ones.
+            guard secret.utf8.count >= 32 else {
+                throw TokenError(check: .signature, message: "the HS256 secret has \(secret.utf8.count) bytes; it needs at least 32")
+            }
+            await keys.add(hmac: HMACKey(from: secret), digestAlgorithm: .sha256)
+        case .rs256(let pem):
+            await keys.add(rsa: try Insecure.RSA.PublicKey(pem: pem), digestAlgorithm: .sha256)
+        case .es256(let pem):
+            await keys.add(ecdsa: try ES256PublicKey(pem: pem))
+        }
+        self.keys = keys
+        self.algorithm = key.algorithm
+        self.leeway = leeway
+    }
+
+    /// Checks `token` and returns who it names.
+    /// - Throws: ``TokenError`` naming the check that failed.
+    public func verify(_ token: String?, now: Date = Date()) async throws(TokenError) -> GatewayIdentity {
+        guard let token, !token.isEmpty else {
+            throw TokenError(check: .missing, message: "no token: send Authorization: Bearer <jwt> or ?access_token=<jwt>")
+        }
+        let header = try Self.header(of: token)
+        guard let alg = header["alg"] as? String, alg == algorithm else {
+            let found = (header["alg"] as? String).map { "\"\($0)\"" } ?? "no alg"
+            throw TokenError(check: .algorithm, message: "the token's algorithm is \(found); this gateway accepts \(algorithm) only")
+        }
+        let payload: Claims
+        do {
+            payload = try await keys.verify(token, as: Claims.self)
+        } catch {
+            throw TokenError(check: .signature, message: "the signature does not verify with the configured \(algorithm) key")
+        }
+        let seconds = Double(leeway.components.seconds) + Double(leeway.components.attoseconds) / 1e18
+        guard let expiry = payload.exp?.value else {
+            throw TokenError(check: .expired, message: "the token has no exp claim")
+        }
+        guard expiry.addingTimeInterval(seconds) > now else {
+            throw TokenError(check: .expired, message: "the token expired at \(ISO8601DateFormatter().string(from: expiry))")
+        }
+        if let notBefore = payload.nbf?.value, notBefore.addingTimeInterval(-seconds) > now {
+            throw TokenError(check: .notYetValid, message: "the token is valid from \(ISO8601DateFormatter().string(from: notBefore)) only")
+        }
+        guard let subject = payload.sub?.value, !subject.isEmpty else {
+            throw TokenError(check: .subject, message: "the token has no sub (user id)")
+        }
+        if let limit = payload.connLimit, !(0...1_000_000).contains(limit) {
+            throw TokenError(check: .connectionLimit, message: "conn_limit \(limit) must be between 0 and 1000000")
+        }
+        return GatewayIdentity(user: subject, connectionLimit: payload.connLimit)
+    }
+
+    /// The JSON header, decoded without trusting it (to pin the algorithm before verifying).
+    static func header(of token: String) throws(TokenError) -> [String: Any] {
+        let parts = token.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 3 else {
+            throw TokenError(check: .malformed, message: "a JWT has three dot-separated parts, this one has \(parts.count)")
+        }
+        var base64 = parts[0].replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
+        base64 += String(repeating: "=", count: (4 - base64.count % 4) % 4)
+        guard let data = Data(base64Encoded: base64), let object = try? JSONSerialization.jsonObject(with: data),
+            let header = object as? [String: Any]
+        else {
+            throw TokenError(check: .malformed, message: "the token's header is not base64url-encoded JSON")
+        }
+        return header
+    }
+
+    /// The claims read from a token; time checks are done by ``verify(_:now:)`` with the leeway.
+    struct Claims: JWTPayload {
+        var sub: SubjectClaim?
+        var exp: ExpirationClaim?
+        var nbf: NotBeforeClaim?
+        var connLimit: Int?
+
+        enum CodingKeys: String, CodingKey {
+            case sub, exp, nbf
+            case connLimit = "conn_limit"
+        }
+
+        func verify(using algorithm: some JWTAlgorithm) async throws {}
+    }
+}
