@@ -55,8 +55,6 @@ public final class ConnectionLimiter: Service, Sendable {
         var listeningAs: String?
         var stopRequested = false
         var stopWaiter: CheckedContinuation<Void, Never>?
-        var startedAt = ContinuousClock.now
-
         /// Dead node ids to pass to the scripts.
         var deadList: [String] { Array(deadNodes.union(previousIncarnations)) }
     }

@@ -55,17 +55,7 @@ extension RedisClient {
     /// Sends `steps` in one write. Script steps answered with `NOSCRIPT` (a restarted or failed-over Redis) are
     /// re-sent together once each script is loaded again (`SCRIPT LOAD`, one per script, not per step).
     func pipeline(_ steps: [PipelineStep], timeout: Duration? = nil) async throws -> [Result<RESPValue, RedisError>] {
-        var results: [Result<RESPValue, RedisError>]
-        if steps.count == 1 {
-            // One command: the plain request path is cheaper than a batch. An error *reply* stays a result.
-            do {
-                results = [.success(try await send(steps[0].redisCommand, timeout: timeout))]
-            } catch let error as RedisError where error.serverErrorPrefix != nil {
-                results = [.failure(error)]
-            }
-        } else {
-            results = try await pipeline(steps.map(\.redisCommand), timeout: timeout)
-        }
+        var results = try await pipeline(steps.map(\.redisCommand), timeout: timeout)
         let missing = steps.indices.filter { index in
             guard case .script = steps[index], case .failure(let error) = results[index] else { return false }
             return error.code == .noScript

@@ -87,7 +87,13 @@ public final class RedisClient: Sendable, Service {
     ///
     /// A connection failure or the deadline fails the whole batch (thrown); an error *reply* fails only its element.
     public func pipeline(_ commands: [RedisCommand], timeout: Duration? = nil) async throws -> [Result<RESPValue, RedisError>] {
-        try await connection.send(batch: commands, deadline: deadline(timeout))
+        guard commands.count == 1 else { return try await connection.send(batch: commands, deadline: deadline(timeout)) }
+        // One command: the plain request path is cheaper than a batch; an error *reply* stays a result.
+        do {
+            return [.success(try await connection.send(commands[0], deadline: deadline(timeout)))]
+        } catch let error as RedisError where error.serverErrorPrefix != nil {
+            return [.failure(error)]
+        }
     }
 }
 

@@ -69,6 +69,11 @@ struct RepliesTests {
             #expect(throws: RedisError.self) { try replies[2].get() }
             #expect(try replies[3].get().string == "2")
             #expect(try await client.pipeline([]).isEmpty)
+            // A batch of one takes the plain request path but keeps the batch's contract.
+            let single = try await client.pipeline([RedisCommand("INCR", prefix + "a")])
+            #expect(try single.map { try $0.get() } == [.integer(3)])
+            let failing = try await client.pipeline([RedisCommand("LPUSH", prefix + "a", "x")])
+            #expect(throws: RedisError.self) { try failing[0].get() }
         }
     }
 

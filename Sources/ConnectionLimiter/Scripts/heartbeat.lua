@@ -25,6 +25,8 @@ else
     redis.call('ZADD', nodes, 'XX', now + ttl, node)
   end
 end
+-- The registry outlives its last live node by a few TTLs, so a fleet that stops entirely leaves no key behind.
+if status == 1 then redis.call('PEXPIRE', nodes, ttl * 3) end
 local result = {status, now}
 for _, dead in ipairs(redis.call('ZRANGEBYSCORE', nodes, '-inf', now, 'LIMIT', 0, 1000)) do
   result[#result + 1] = dead

@@ -386,21 +386,7 @@ final class RedisConnection: Sendable {
         )
     }
 
-    // MARK: Pub/sub writes
-
-    /// Writes a command whose replies arrive as pushes (SUBSCRIBE and friends). Returns `false` when not connected;
-    /// the pub/sub registry re-sends everything on the next connection.
-    @discardableResult
-    func writeUntracked(_ command: RedisCommand) -> Bool {
-        guard
-            let channel = state.withLockedValue({ state -> (any Channel)? in
-                if case .ready(let channel) = state.phase { return channel }
-                return nil
-            })
-        else { return false }
-        write(command, to: channel)
-        return true
-    }
+    // MARK: Untracked writes (pub/sub)
 
     /// Writes a command on `channel` without tracking a reply.
     func write(_ command: RedisCommand, to channel: any Channel) {

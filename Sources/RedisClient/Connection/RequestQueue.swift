@@ -43,8 +43,6 @@ struct RequestQueue<Waiter> {
     var pendingCount: Int { pending.count }
     /// Requests written and waiting for a reply (including abandoned ones whose reply is still due).
     var inflightCount: Int { inflight.count }
-    /// The bytes waiting to be written.
-    var pendingByteCount: Int { pendingBytes.readableBytes }
 
     /// Adds a request with its encoded bytes to the pending queue.
     mutating func enqueue(id: UInt64, deadline: NIODeadline, waiter: Waiter, bytes: UnsafeRawBufferPointer) {

@@ -98,13 +98,4 @@ public struct RedisCommand: Sendable, Hashable {
     public var name: String {
         String(decoding: storage.prefix(lengths.first ?? 0), as: UTF8.self)
     }
-
-    /// The number of arguments including the command name.
-    public var argumentCount: Int { lengths.count }
-
-    /// The argument at `index` (0 is the command name).
-    public func argument(at index: Int) -> ArraySlice<UInt8> {
-        let start = lengths.prefix(index).reduce(0, +)
-        return storage[start..<(start + lengths[index])]
-    }
 }
