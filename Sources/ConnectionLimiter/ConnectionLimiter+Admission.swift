@@ -67,6 +67,7 @@ extension ConnectionLimiter {
         guard (0...1_000_000).contains(limit) else {
             throw LimiterError(code: .invalidLimit, message: "limit \(limit) for user \"\(user)\" must be between 0 and 1000000")
         }
+        await waitForFirstRegistration()
         let entry = state.withLock { state -> (running: Bool, added: Bool, node: String, usable: Bool, fenced: Bool, dead: [String], first: Bool) in
             guard state.running else { return (false, false, state.node, false, false, [], false) }
             let fenced = configuration.policies.onLeaseLoss == .close && (state.fenced || state.leaseLost)
@@ -107,6 +108,15 @@ extension ConnectionLimiter {
             // cleanup (verify) or the lease removes such an entry.
             state.withLock { _ = $0.table.remove(connection) }
             throw error
+        }
+    }
+
+    /// Right after start the node is not registered yet: an admission then waits for the first registration (at
+    /// most `admissionTimeout`) instead of taking the Redis-down fallback, whose local count would not see other nodes.
+    func waitForFirstRegistration() async {
+        let deadline = clock.now + configuration.admissionTimeout
+        while state.withLock({ $0.running && !$0.everRegistered }), clock.now < deadline, !Task.isCancelled {
+            try? await Task.sleep(for: .milliseconds(5))
         }
     }
 

@@ -42,6 +42,7 @@ extension ConnectionLimiter {
             }
             state.node = node
             state.registered = true
+            state.everRegistered = true
             state.leaseLost = false
             state.fenced = false
             state.leaseDeadline = sent + configuration.heartbeat.nodeTTL

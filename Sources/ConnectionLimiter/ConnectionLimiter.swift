@@ -30,6 +30,8 @@ public final class ConnectionLimiter: Service, Sendable {
         /// The current node incarnation id.
         var node: String
         var registered = false
+        /// Whether the node has registered at least once since ``run()`` started.
+        var everRegistered = false
         /// When this node's lease may have run out (monotonic clock, counted from the sending of the last good heartbeat).
         var leaseDeadline: ContinuousClock.Instant?
         var leaseLost = false

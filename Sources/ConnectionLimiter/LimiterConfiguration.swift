@@ -94,7 +94,9 @@ public struct LimiterConfiguration: Sendable {
         return String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
-    func validate() throws(LimiterError) {
+    /// Checks that the settings are usable (``ConnectionLimiter/run()`` does too).
+    /// - Throws: ``LimiterError`` with code `invalidLimit` naming the bad setting.
+    public func validate() throws(LimiterError) {
         func invalid(_ why: String) -> LimiterError { LimiterError(code: .invalidLimit, message: "invalid limiter configuration: \(why)") }
         guard (0...1_000_000).contains(defaultLimit) else { throw invalid("defaultLimit \(defaultLimit) must be 0...1000000") }
         guard !keyPrefix.isEmpty, !keyPrefix.contains("{"), !keyPrefix.contains("}") else {

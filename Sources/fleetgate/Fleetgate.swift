@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 
 /// The `fleetgate` command: one thin binary for the gateway, operators and benchmarks.
 @main
@@ -7,8 +8,26 @@ struct Fleetgate: AsyncParsableCommand {
         commandName: "fleetgate",
         abstract: "Fleet-wide per-user WebSocket connection limits on Redis.",
         version: "0.1.0",
-        subcommands: [Bench.self]
+        subcommands: [Serve.self, Bench.self]
     )
+
+    /// Runs the command; a failure is one line on stderr (`fleetgate: <what went wrong>`), never a usage dump.
+    static func main() async {
+        do {
+            var command = try parseAsRoot()
+            if var asyncCommand = command as? any AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                try command.run()
+            }
+        } catch {
+            let code = exitCode(for: error)
+            guard code != .success else { exit(withError: error) }
+            let message = (error as? ServeError)?.description ?? message(for: error)
+            FileHandle.standardError.write(Data("fleetgate: \(message)\n".utf8))
+            Foundation.exit(code.rawValue)
+        }
+    }
 }
 
 /// `fleetgate bench …`: measurements reported as ratios against a reference run in the same invocation.

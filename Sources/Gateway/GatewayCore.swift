@@ -1,0 +1,468 @@
+import ConnectionLimiter
+import Foundation
+import HTTPTypes
+import Logging
+import Metrics
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import NIOWebSocket
+import ServiceLifecycle
+
+/// The state shared by every connection of one node: admission at the upgrade, the table of open connections (for
+/// kicks, fencing and drain), and the session loop.
+final class GatewayCore: Sendable {
+    /// One connection from its admission to its close.
+    struct Entry {
+        var user: String
+        /// Whether the limiter holds an entry that must be released.
+        var admitted = false
+        /// Set once the WebSocket session runs.
+        var connection: SessionConnection?
+        /// A close requested before the session ran (a kick during the upgrade).
+        var pendingClose: (code: UInt16, reason: String)?
+    }
+
+    struct State {
+        var entries: [String: Entry] = [:]
+        var draining = false
+        var drainDeadline: ContinuousClock.Instant?
+    }
+
+    let configuration: GatewayConfiguration
+    let verifier: TokenVerifier
+    let limiter: ConnectionLimiter?
+    let handler: any GatewaySessionHandler
+    let logger: Logger
+    let metrics: GatewayMetrics
+    let state = NIOLockedValueBox(State())
+
+    init(
+        configuration: GatewayConfiguration,
+        verifier: TokenVerifier,
+        limiter: ConnectionLimiter?,
+        handler: any GatewaySessionHandler,
+        metrics: GatewayMetrics,
+        logger: Logger
+    ) {
+        self.configuration = configuration
+        self.verifier = verifier
+        self.limiter = configuration.limiterEnabled ? limiter : nil
+        self.handler = handler
+        self.metrics = metrics
+        self.logger = logger
+    }
+
+    /// Connections admitted or open on this node.
+    var connectionCount: Int { state.withLockedValue { $0.entries.count } }
+
+    /// Whether the node is draining (no new connections).
+    var isDraining: Bool { state.withLockedValue { $0.draining } }
+
+    // MARK: Admission at the upgrade
+
+    /// Decides an upgrade request: path, token, node cap, then the limiter.
+    func decide(head: HTTPRequestHead, channel: any Channel) async -> UpgradeDecision {
+        let (path, query) = Self.split(head.uri)
+        guard path == "/ws" else {
+            return .refuse(Refusal(status: .notFound, body: JSON.object(["error": "not_found", "message": "WebSockets are served at /ws"])))
+        }
+        if isDraining {
+            metrics.upgrades(.draining)
+            return .refuse(
+                Refusal(
+                    status: .serviceUnavailable, headers: [.retryAfter: "1"],
+                    body: JSON.object(["error": "shutting_down", "message": "this node is shutting down; connect to another node"])))
+        }
+        let identity: GatewayIdentity
+        do {
+            identity = try await verifier.verify(Self.token(head: head, query: query))
+        } catch {
+            metrics.upgrades(.unauthorized)
+            logger.info("refused a token", metadata: ["fleetgate.check": "\(error.check)"])
+            return .refuse(
+                Refusal(
+                    status: .unauthorized, headers: [.wwwAuthenticate: "Bearer error=\"invalid_token\""],
+                    body: JSON.object(["error": "unauthorized", "check": "\(error.check)", "message": error.message])))
+        }
+
+        let id = ConnectionLimiter.makeConnectionID()
+        let reserved = state.withLockedValue { state -> Bool in
+            guard state.entries.count < configuration.maxConnections else { return false }
+            state.entries[id] = Entry(user: identity.user)
+            return true
+        }
+        guard reserved else {
+            metrics.upgrades(.nodeFull)
+            logger.warning("node at its connection cap", metadata: ["fleetgate.cap": "\(configuration.maxConnections)"])
+            return .refuse(
+                Refusal(
+                    status: .serviceUnavailable, headers: [.retryAfter: "1"],
+                    body: JSON.object([
+                        "error": "node_full", "message": "this node holds its maximum of \(configuration.maxConnections) connections",
+                    ])))
+        }
+        // Whatever happens from here, the connection's end removes its entry and releases its admission.
+        channel.closeFuture.whenComplete { _ in self.connectionClosed(id) }
+
+        guard let limiter else {
+            metrics.upgrades(.accepted)
+            return .accept(AdmittedConnection(id: id, user: identity.user))
+        }
+        let decision: AdmissionDecision
+        do {
+            decision = try await limiter.admit(user: identity.user, connection: id, limit: identity.connectionLimit)
+        } catch {
+            state.withLockedValue { _ = $0.entries.removeValue(forKey: id) }
+            return refusal(for: error, user: identity.user)
+        }
+        switch decision {
+        case .admitted:
+            let stillOpen = state.withLockedValue { state -> Bool in
+                guard state.entries[id] != nil else { return false }
+                state.entries[id]?.admitted = true
+                return true
+            }
+            if !stillOpen {
+                // The client left while we were admitting it.
+                Task { await limiter.release(connection: id) }
+                return .refuse(Refusal(status: .badRequest, body: JSON.object(["error": "closed"])))
+            }
+            metrics.upgrades(.accepted)
+            return .accept(AdmittedConnection(id: id, user: identity.user))
+        case .denied(let denial):
+            state.withLockedValue { _ = $0.entries.removeValue(forKey: id) }
+            metrics.upgrades(.denied)
+            logger.info(
+                "connection limit exceeded",
+                metadata: ["fleetgate.user": "\(identity.user)", "fleetgate.count": "\(denial.count)", "fleetgate.limit": "\(denial.limit)"])
+            switch configuration.denyMode {
+            case .close:
+                return .closeAtOnce(code: GatewayCloseCode.limitExceeded, reason: "connection limit exceeded (\(denial.count)/\(denial.limit))")
+            case .http:
+                let milliseconds = max(
+                    0, Int(denial.retryAfter.components.seconds * 1000 + denial.retryAfter.components.attoseconds / 1_000_000_000_000_000))
+                return .refuse(
+                    Refusal(
+                        status: .tooManyRequests,
+                        headers: [.retryAfter: String(max(1, (milliseconds + 999) / 1000))],
+                        body: JSON.object([
+                            "error": "connection_limit_exceeded", "user": identity.user, "limit": denial.limit, "current": denial.count,
+                            "retry_after_ms": milliseconds, "message": denial.description,
+                        ])))
+            }
+        }
+    }
+
+    private func refusal(for error: any Error, user: String) -> UpgradeDecision {
+        guard let error = error as? LimiterError else {
+            metrics.upgrades(.unavailable)
+            logger.error("admission failed", metadata: ["fleetgate.user": "\(user)", "fleetgate.error": "\(error)"])
+            return .refuse(
+                Refusal(status: .internalServerError, body: JSON.object(["error": "internal_error", "message": "admission failed"])))
+        }
+        switch error.code {
+        case .invalidUser:
+            metrics.upgrades(.unauthorized)
+            return .refuse(
+                Refusal(
+                    status: .unauthorized, headers: [.wwwAuthenticate: "Bearer error=\"invalid_token\""],
+                    body: JSON.object(["error": "unauthorized", "check": "subject", "message": error.message])))
+        case .redisUnavailable:
+            metrics.upgrades(.unavailable)
+            logger.warning("admission refused: Redis unavailable", metadata: ["fleetgate.user": "\(user)"])
+            switch configuration.denyMode {
+            case .close:
+                return .closeAtOnce(code: GatewayCloseCode.tryAgainLater, reason: "Redis unavailable, try again later")
+            case .http:
+                return .refuse(
+                    Refusal(
+                        status: .serviceUnavailable, headers: [.retryAfter: "1"],
+                        body: JSON.object(["error": "redis_unavailable", "message": error.message])))
+            }
+        default:
+            metrics.upgrades(.unavailable)
+            logger.error("admission failed", metadata: ["fleetgate.user": "\(user)", "fleetgate.error": "\(error)"])
+            return .refuse(
+                Refusal(
+                    status: .serviceUnavailable, headers: [.retryAfter: "1"],
+                    body: JSON.object(["error": "admission_failed", "message": error.message])))
+        }
+    }
+
+    /// The end of a connection, whatever ended it: forget it and release its admission.
+    private func connectionClosed(_ id: String) {
+        let entry = state.withLockedValue { $0.entries.removeValue(forKey: id) }
+        if let entry, entry.admitted, let limiter {
+            Task { await limiter.release(connection: id) }
+        }
+    }
+
+    // MARK: Sessions
+
+    /// Serves one upgraded connection until it closes.
+    func serve(_ webSocket: NIOAsyncChannel<WebSocketFrame, WebSocketFrame>, decision: UpgradeDecision, logger baseLogger: Logger) async {
+        var logger = baseLogger
+        do {
+            try await webSocket.executeThenClose { inbound, outbound in
+                let connection = SessionConnection(channel: webSocket.channel, outbound: outbound, configuration: configuration, logger: logger)
+                let admitted: AdmittedConnection
+                switch decision {
+                case .accept(let accepted):
+                    admitted = accepted
+                case .closeAtOnce(let code, let reason):
+                    connection.close(code: code, reason: reason)
+                    await Self.drainUntilClosed(inbound, connection: connection)
+                    return
+                case .refuse:
+                    return
+                }
+                logger[metadataKey: "fleetgate.user"] = "\(admitted.user)"
+                logger[metadataKey: "fleetgate.connection"] = "\(admitted.id)"
+                let pending = state.withLockedValue { state -> (code: UInt16, reason: String)? in
+                    state.entries[admitted.id]?.connection = connection
+                    return state.draining ? (GatewayCloseCode.goingAway, "node shutting down") : state.entries[admitted.id]?.pendingClose
+                }
+                let logger = logger
+                metrics.sessionOpened()
+                defer { metrics.sessionClosed(code: connection.closingCode) }
+                let queue = MessageQueue()
+                let session = GatewaySession(
+                    user: admitted.user, connectionID: admitted.id, logger: logger, messages: GatewayMessages(queue: queue), connection: connection)
+                await withGracefulShutdownHandler {
+                    await withTaskGroup(of: Void.self) { group in
+                        group.addTask { await connection.runPinger(readerBlocked: { queue.isProducerWaiting }) }
+                        group.addTask {
+                            do {
+                                try await self.handler.run(session)
+                                connection.close(code: GatewayCloseCode.normal, reason: "")
+                            } catch {
+                                if connection.closingCode == nil {
+                                    logger.warning("session handler failed", metadata: ["fleetgate.error": "\(error)"])
+                                }
+                                connection.close(code: GatewayCloseCode.internalError, reason: "internal error")
+                            }
+                        }
+                        if let pending { connection.close(code: pending.code, reason: pending.reason) }
+                        await self.read(inbound, connection: connection, queue: queue)
+                        queue.finish()
+                        group.cancelAll()
+                    }
+                } onGracefulShutdown: {
+                    connection.close(code: GatewayCloseCode.goingAway, reason: "node shutting down")
+                }
+                connection.cancelCloseTimer()
+            }
+        } catch {
+            logger.debug("WebSocket connection ended with an error", metadata: ["fleetgate.error": "\(error)"])
+        }
+    }
+
+    /// Reads frames until the closing handshake completes or the socket closes: answers pings, reassembles messages
+    /// (bounded), validates text, and hands messages to the handler's queue.
+    private func read(_ inbound: NIOAsyncChannelInboundStream<WebSocketFrame>, connection: SessionConnection, queue: MessageQueue) async {
+        var partial: (opcode: WebSocketOpcode, data: ByteBuffer)?
+        do {
+            for try await frame in inbound {
+                connection.clientIsAlive()
+                guard frame.maskKey != nil else {
+                    connection.close(code: GatewayCloseCode.protocolError, reason: "client frames must be masked")
+                    connection.abort()
+                    return
+                }
+                switch frame.opcode {
+                case .ping:
+                    guard frame.fin else { return protocolError(connection, "fragmented ping") }
+                    connection.pong(frame.unmaskedData)
+                case .pong:
+                    break
+                case .connectionClose:
+                    if connection.closingCode == nil {
+                        // The client closes: echo its code (RFC 6455 §5.5.1), then the socket can go.
+                        var data = frame.unmaskedData
+                        let code = data.readInteger(as: UInt16.self) ?? GatewayCloseCode.normal
+                        connection.close(code: Self.isValidCloseCode(code) ? code : GatewayCloseCode.protocolError, reason: "")
+                    }
+                    connection.abort()
+                    return
+                case .text, .binary:
+                    guard connection.closingCode == nil else { continue }
+                    guard partial == nil else { return protocolError(connection, "a new message began before the last one ended") }
+                    if frame.fin {
+                        guard await deliver(frame.opcode, frame.unmaskedData, connection: connection, queue: queue) else { return }
+                    } else {
+                        partial = (frame.opcode, frame.unmaskedData)
+                    }
+                case .continuation:
+                    guard connection.closingCode == nil else { continue }
+                    guard var message = partial else { return protocolError(connection, "a continuation frame without a message") }
+                    var data = frame.unmaskedData
+                    guard message.data.readableBytes + data.readableBytes <= configuration.maxMessageSize else {
+                        partial = nil
+                        connection.close(code: GatewayCloseCode.messageTooBig, reason: "message larger than \(configuration.maxMessageSize) bytes")
+                        continue
+                    }
+                    message.data.writeBuffer(&data)
+                    if frame.fin {
+                        partial = nil
+                        guard await deliver(message.opcode, message.data, connection: connection, queue: queue) else { return }
+                    } else {
+                        partial = message
+                    }
+                default:
+                    return protocolError(connection, "unknown opcode")
+                }
+            }
+        } catch {
+            logger.debug("WebSocket read ended", metadata: ["fleetgate.error": "\(error)"])
+        }
+    }
+
+    private func protocolError(_ connection: SessionConnection, _ reason: String) {
+        connection.close(code: GatewayCloseCode.protocolError, reason: reason)
+        connection.abort()
+    }
+
+    /// Hands one message to the handler; false if the connection must stop reading.
+    private func deliver(_ opcode: WebSocketOpcode, _ data: ByteBuffer, connection: SessionConnection, queue: MessageQueue) async -> Bool {
+        if opcode == .text {
+            guard let text = String(validating: data.readableBytesView, as: UTF8.self) else {
+                connection.close(code: GatewayCloseCode.invalidData, reason: "text message is not valid UTF-8")
+                return true
+            }
+            await queue.push(.text(text))
+        } else {
+            await queue.push(.binary(Array(data.readableBytesView)))
+        }
+        return true
+    }
+
+    /// After a close-at-once, reads until the client answers the close (or the close timer closes the socket).
+    private static func drainUntilClosed(_ inbound: NIOAsyncChannelInboundStream<WebSocketFrame>, connection: SessionConnection) async {
+        do {
+            for try await frame in inbound where frame.opcode == .connectionClose {
+                connection.abort()
+                return
+            }
+        } catch {}
+    }
+
+    static func isValidCloseCode(_ code: UInt16) -> Bool {
+        switch code {
+        case 1000...1003, 1007...1011, 3000...4999: return true
+        default: return false
+        }
+    }
+
+    // MARK: Kicks, fencing, drain
+
+    /// Closes one connection (a kick), now or as soon as its session starts.
+    func close(connection id: String, code: UInt16, reason: String) -> Bool {
+        let connection = state.withLockedValue { state -> SessionConnection?? in
+            guard state.entries[id] != nil else { return .none }
+            if let connection = state.entries[id]?.connection { return .some(connection) }
+            state.entries[id]?.pendingClose = (code, reason)
+            return .some(nil)
+        }
+        switch connection {
+        case .none: return false
+        case .some(let connection):
+            connection?.close(code: code, reason: reason)
+            return true
+        }
+    }
+
+    /// Closes every connection with `code`.
+    func closeAll(code: UInt16, reason: String) {
+        let ids = state.withLockedValue { Array($0.entries.keys) }
+        for id in ids { _ = close(connection: id, code: code, reason: reason) }
+    }
+
+    /// Acts on the limiter's events until they end or the task is cancelled.
+    func followLimiterEvents() async {
+        guard let limiter else { return }
+        for await event in limiter.events {
+            switch event {
+            case .kick(let connection, let user, let reason):
+                let found = close(connection: connection, code: GatewayCloseCode.kicked, reason: Self.kickReason(reason))
+                logger.info(
+                    "kicked a connection",
+                    metadata: [
+                        "fleetgate.user": "\(user)", "fleetgate.connection": "\(connection)", "fleetgate.reason": "\(reason)",
+                        "fleetgate.found": "\(found)",
+                    ])
+            case .fenced(let node):
+                logger.warning("fenced: closing every connection (the node lost its lease)", metadata: ["fleetgate.node": "\(node)"])
+                closeAll(code: GatewayCloseCode.serviceRestart, reason: "node lost its lease in Redis; reconnect")
+            case .leaseLost(let node):
+                logger.warning("node lease lost", metadata: ["fleetgate.node": "\(node)"])
+            case .reregistered(let node, let readmitted, let denied):
+                logger.info(
+                    "node re-registered",
+                    metadata: ["fleetgate.node": "\(node)", "fleetgate.readmitted": "\(readmitted)", "fleetgate.denied": "\(denied)"])
+            case .redisUnavailable(let reason):
+                logger.warning("Redis unavailable", metadata: ["fleetgate.reason": "\(reason)"])
+            case .redisAvailable:
+                logger.info("Redis available again")
+            }
+        }
+    }
+
+    static func kickReason(_ reason: LimiterEvent.KickReason) -> String {
+        switch reason {
+        case .evicted: return "evicted: a newer connection of this user took the slot"
+        case .operatorRequest: return "closed by an operator"
+        case .deniedAfterLeaseLoss: return "over the limit after the node re-registered"
+        case .lostAtRenewal: return "the connection's entry was lost in Redis"
+        }
+    }
+
+    /// Stops accepting and closes every connection with 1001; ``waitUntilDrained()`` waits for them.
+    func beginDrain() {
+        let first = state.withLockedValue { state -> Bool in
+            guard !state.draining else { return false }
+            state.draining = true
+            state.drainDeadline = ContinuousClock.now + configuration.drainTimeout
+            return true
+        }
+        guard first else { return }
+        logger.info("draining: closing every connection", metadata: ["fleetgate.open": "\(connectionCount)"])
+        closeAll(code: GatewayCloseCode.goingAway, reason: "node shutting down")
+    }
+
+    /// Waits until every connection is gone or the drain deadline passed (returns at once unless draining).
+    /// - Returns: how many connections were still open.
+    func waitUntilDrained() async -> Int {
+        guard let deadline = state.withLockedValue({ $0.drainDeadline }) else { return connectionCount }
+        // Each connection ends by itself once its client answers the close frame (or the close timeout passes).
+        while connectionCount > 0, ContinuousClock.now < deadline {
+            try? await Task.sleep(for: .milliseconds(20))
+        }
+        return connectionCount
+    }
+
+    // MARK: Request parsing
+
+    static func split(_ uri: String) -> (path: String, query: String?) {
+        guard let mark = uri.firstIndex(of: "?") else { return (uri, nil) }
+        return (String(uri[..<mark]), String(uri[uri.index(after: mark)...]))
+    }
+
+    /// The token from `Authorization: Bearer …`, else from `?access_token=…`.
+    static func token(head: HTTPRequestHead, query: String?) -> String? {
+        if let authorization = head.headers.first(name: "authorization") {
+            let parts = authorization.split(separator: " ", maxSplits: 1, omittingEmptySubsequences: true)
+            if parts.count == 2, parts[0].lowercased() == "bearer" {
+                return parts[1].trimmingCharacters(in: .whitespaces)
+            }
+        }
+        guard let query else { return nil }
+        for pair in query.split(separator: "&") {
+            let keyValue = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            if keyValue.count == 2, keyValue[0] == "access_token" {
+                return String(keyValue[1]).replacingOccurrences(of: "+", with: " ").removingPercentEncoding
+            }
+        }
+        return nil
+    }
+}

@@ -1,0 +1,52 @@
+import Metrics
+import Synchronization
+
+/// The gateway's own metrics (the limiter has its own), with bounded dimensions.
+struct GatewayMetrics: Sendable {
+    enum UpgradeResult: String, CaseIterable {
+        case accepted, denied, unauthorized, unavailable, draining
+        case nodeFull = "node_full"
+    }
+
+    private let upgradeCounters: [String: Counter]
+    private let sessions: Gauge
+    private let closeCounters: [UInt16: Counter]
+    private let otherClose: Counter
+    private let open = OpenCount()
+
+    init(factory: any MetricsFactory) {
+        var upgradeCounters: [String: Counter] = [:]
+        for result in UpgradeResult.allCases {
+            upgradeCounters[result.rawValue] = Counter(
+                label: "fleetgate_gateway_upgrades_total", dimensions: [("result", result.rawValue)], factory: factory)
+        }
+        self.upgradeCounters = upgradeCounters
+        sessions = Gauge(label: "fleetgate_gateway_sessions", factory: factory)
+        var closeCounters: [UInt16: Counter] = [:]
+        for code: UInt16 in [1000, 1001, 1002, 1006, 1007, 1009, 1011, 1012, 1013, 4409, 4429] {
+            closeCounters[code] = Counter(label: "fleetgate_gateway_closes_total", dimensions: [("code", String(code))], factory: factory)
+        }
+        self.closeCounters = closeCounters
+        otherClose = Counter(label: "fleetgate_gateway_closes_total", dimensions: [("code", "other")], factory: factory)
+    }
+
+    func upgrades(_ result: UpgradeResult) {
+        upgradeCounters[result.rawValue]?.increment()
+    }
+
+    func sessionOpened() {
+        sessions.record(open.add(1))
+    }
+
+    /// `code` is the close code the server sent, nil if the client closed first or vanished (counted as 1006).
+    func sessionClosed(code: UInt16?) {
+        sessions.record(open.add(-1))
+        (closeCounters[code ?? 1006] ?? otherClose).increment()
+    }
+}
+
+/// A shared counter of open sessions for the gauge.
+private final class OpenCount: Sendable {
+    private let value = Synchronization.Atomic<Int>(0)
+    func add(_ delta: Int) -> Int { value.add(delta, ordering: .relaxed).newValue }
+}

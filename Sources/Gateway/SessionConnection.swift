@@ -1,0 +1,151 @@
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOWebSocket
+
+/// The gateway's side of one WebSocket connection: frame I/O, pings, the closing handshake.
+///
+/// Three tasks share it: the reader (``GatewayCore/serve(_:admitted:logger:)``), the handler (through
+/// ``GatewaySession``) and the pinger. Writes go through one `NIOAsyncChannelOutboundWriter`, which accepts
+/// concurrent writers; the close state decides, under a lock, which frames may still go out.
+final class SessionConnection: Sendable {
+    struct State {
+        /// The close code we sent, once we started closing.
+        var closingWith: UInt16?
+        /// Pings sent since the last pong (or any frame) from the client.
+        var unansweredPings = 0
+        var closeTimer: Scheduled<Void>?
+    }
+
+    let channel: any Channel
+    let outbound: NIOAsyncChannelOutboundWriter<WebSocketFrame>
+    let configuration: GatewayConfiguration
+    let state = NIOLockedValueBox(State())
+    let logger: Logger
+
+    init(channel: any Channel, outbound: NIOAsyncChannelOutboundWriter<WebSocketFrame>, configuration: GatewayConfiguration, logger: Logger) {
+        self.channel = channel
+        self.outbound = outbound
+        self.configuration = configuration
+        self.logger = logger
+    }
+
+    /// The code we are closing with, if we are.
+    var closingCode: UInt16? { state.withLockedValue { $0.closingWith } }
+
+    /// Sends a data frame unless the connection is closing.
+    func send(opcode: WebSocketOpcode, data: ByteBuffer) async throws {
+        if let code = closingCode { throw GatewaySessionClosed(code: code) }
+        do {
+            try await outbound.write(WebSocketFrame(fin: true, opcode: opcode, data: data))
+        } catch {
+            throw GatewaySessionClosed(code: closingCode ?? 1006)
+        }
+    }
+
+    /// Answers a client ping.
+    func pong(_ data: ByteBuffer) {
+        guard closingCode == nil else { return }
+        let outbound = outbound
+        Task { try? await outbound.write(WebSocketFrame(fin: true, opcode: .pong, data: data)) }
+    }
+
+    /// Records that the client is alive (a pong, or any frame).
+    func clientIsAlive() {
+        state.withLockedValue { $0.unansweredPings = 0 }
+    }
+
+    /// Starts the closing handshake: sends a close frame with `code` and `reason` (once; later calls do nothing) and
+    /// closes the socket if the client has not answered within the close timeout (or right after the frame is out,
+    /// with `waitForAnswer: false`, for a peer that is gone).
+    func close(code: UInt16, reason: String, waitForAnswer: Bool = true) {
+        let first = state.withLockedValue { state -> Bool in
+            guard state.closingWith == nil else { return false }
+            state.closingWith = code
+            return true
+        }
+        guard first else { return }
+        var data = channel.allocator.buffer(capacity: 2 + reason.utf8.count)
+        data.writeInteger(code)
+        // A close reason must fit a control frame (125 bytes including the code).
+        data.writeString(String(decoding: reason.utf8.prefix(123), as: UTF8.self))
+        let frame = WebSocketFrame(fin: true, opcode: .connectionClose, data: data)
+        let channel = channel
+        let outbound = outbound
+        let timeout = configuration.closeTimeout
+        Task {
+            try? await outbound.write(frame)
+            outbound.finish()
+            if !waitForAnswer { try? await channel.close() }
+        }
+        let timer = channel.eventLoop.scheduleTask(in: .init(timeout)) { channel.close(promise: nil) }
+        state.withLockedValue { $0.closeTimer = timer }
+    }
+
+    /// Closes the socket without a handshake (the client is gone or broke the protocol after our close frame).
+    func abort() {
+        channel.close(promise: nil)
+    }
+
+    /// Sends pings every interval until cancelled; closes the connection once the client has missed too many.
+    ///
+    /// While the reader waits for a slow handler (`readerBlocked`), the client's pongs sit unread in the socket, so
+    /// those intervals do not count against it.
+    func runPinger(readerBlocked: @escaping @Sendable () -> Bool) async {
+        let interval = configuration.pingInterval
+        var sequence: UInt64 = 0
+        while !Task.isCancelled {
+            do { try await Task.sleep(for: interval) } catch { return }
+            if closingCode != nil { return }
+            if readerBlocked() {
+                clientIsAlive()
+                continue
+            }
+            let missed = state.withLockedValue { state -> Int in
+                defer { state.unansweredPings += 1 }
+                return state.unansweredPings
+            }
+            if missed >= configuration.missedPongLimit {
+                logger.info("closing a connection that missed \(missed) pongs", metadata: ["fleetgate.missed-pongs": "\(missed)"])
+                // The peer is probably gone: don't wait for its close frame.
+                close(code: GatewayCloseCode.pingTimeout, reason: "ping timeout: \(missed) pings unanswered", waitForAnswer: false)
+                return
+            }
+            sequence += 1
+            var data = channel.allocator.buffer(capacity: 8)
+            data.writeInteger(sequence)
+            try? await outbound.write(WebSocketFrame(fin: true, opcode: .ping, data: data))
+        }
+    }
+
+    /// Cancels the close timer (the handshake completed or the socket closed).
+    func cancelCloseTimer() {
+        state.withLockedValue { $0.closeTimer?.cancel() }
+    }
+}
+
+/// The close codes the gateway uses.
+public enum GatewayCloseCode {
+    /// The handler finished normally.
+    public static let normal: UInt16 = 1000
+    /// The node is shutting down (drain).
+    public static let goingAway: UInt16 = 1001
+    /// The client broke the WebSocket protocol.
+    public static let protocolError: UInt16 = 1002
+    /// A text message was not valid UTF-8.
+    public static let invalidData: UInt16 = 1007
+    /// The client missed too many pongs.
+    public static let pingTimeout: UInt16 = 1001
+    /// A message was larger than the limit.
+    public static let messageTooBig: UInt16 = 1009
+    /// The handler failed.
+    public static let internalError: UInt16 = 1011
+    /// The node lost its lease in Redis and, with policy `close`, closes everything (clients should reconnect).
+    public static let serviceRestart: UInt16 = 1012
+    /// Redis is unavailable and the policy is `reject` (try again later).
+    public static let tryAgainLater: UInt16 = 1013
+    /// The connection was kicked: evicted by a newer one (evict-oldest) or by an operator.
+    public static let kicked: UInt16 = 4409
+    /// The connection was denied (`--deny-mode close`): the user is at their limit.
+    public static let limitExceeded: UInt16 = 4429
+}

@@ -1,0 +1,299 @@
+import ArgumentParser
+import ConnectionLimiter
+import Foundation
+import Gateway
+import Logging
+import Metrics
+import Prometheus
+import RedisClient
+import ServiceLifecycle
+import UnixSignals
+
+/// `fleetgate serve`: one gateway node of a fleet.
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run one gateway node: WebSockets at /ws, every connection admitted by the fleet-wide limiter.",
+        discussion: """
+            Every option can also come from the environment variable named in its help (the flag wins).
+            Durations take a unit: 250ms, 15s, 2m. On SIGTERM or SIGINT the node stops accepting, closes every \
+            WebSocket with 1001, releases its entries, deregisters and exits (within --drain-timeout).
+            """
+    )
+
+    // Listening
+    @Option(help: "Address to listen on. [env: FLEETGATE_HOST] (default: 127.0.0.1)") var host: String?
+    @Option(help: "Port to listen on; 0 picks a free one (printed at start). [env: FLEETGATE_PORT] (default: 8080)") var port: Int?
+
+    // Redis and the node
+    @Option(help: "Redis URL, redis://[user:password@]host[:port][/db]. [env: FLEETGATE_REDIS_URL] (default: redis://127.0.0.1:6379)")
+    var redis: String?
+    @Option(help: "This node's name in Redis and logs. [env: FLEETGATE_NODE_NAME] (default: the host name)") var nodeName: String?
+    @Option(help: "Prefix of every Redis key. [env: FLEETGATE_KEY_PREFIX] (default: fg)") var keyPrefix: String?
+
+    // Identity
+    @Option(help: "HS256 secret for client tokens, at least 32 bytes. [env: FLEETGATE_JWT_SECRET]") var jwtSecret: String?
+    @Option(help: "PEM file with the RS256 or ES256 public key for client tokens. [env: FLEETGATE_JWT_PUBLIC_KEY]") var jwtPublicKey: String?
+    @Option(help: "Clock leeway for exp/nbf. [env: FLEETGATE_JWT_LEEWAY] (default: 30s)") var jwtLeeway: String?
+
+    // Limits and policies
+    @Option(help: "Connections per user unless a token claim or a Redis override says otherwise. [env: FLEETGATE_DEFAULT_LIMIT] (default: 20)")
+    var defaultLimit: Int?
+    @Option(help: "How a denial is answered: http (429 + JSON) or close (accept, then close 4429). [env: FLEETGATE_DENY_MODE] (default: http)")
+    var denyMode: String?
+    @Option(
+        help: "At the limit: reject-new, or evict-oldest (the oldest connection is closed with 4409). [env: FLEETGATE_OVERFLOW] (default: reject-new)"
+    )
+    var overflow: String?
+    @Option(help: "Redis unreachable: local (count per node) or reject (503 / 1013). [env: FLEETGATE_ON_REDIS_DOWN] (default: local)")
+    var onRedisDown: String?
+    @Option(help: "Node lease lost: keep (re-register, re-admit) or close (close all with 1012). [env: FLEETGATE_ON_LEASE_LOSS] (default: keep)")
+    var onLeaseLoss: String?
+    @Option(help: "Never deny; count what would have been denied (on/off). [env: FLEETGATE_DRY_RUN] (default: off)") var dryRun: String?
+    @Option(help: "on, or off to admit everyone without Redis (only for benchmarks). [env: FLEETGATE_LIMITER] (default: on)") var limiter: String?
+
+    // Timings
+    @Option(help: "Node heartbeat interval. [env: FLEETGATE_HEARTBEAT_INTERVAL] (default: 1s)") var heartbeatInterval: String?
+    @Option(help: "Node TTL: a node silent this long is dead and swept. [env: FLEETGATE_NODE_TTL] (default: 5s)") var nodeTTL: String?
+    @Option(help: "Connection lease TTL in Redis. [env: FLEETGATE_LEASE_TTL] (default: 30s)") var leaseTTL: String?
+    @Option(help: "Connection lease renewal interval. [env: FLEETGATE_LEASE_RENEW_INTERVAL] (default: 10s)") var leaseRenewInterval: String?
+    @Option(help: "How long a denial waits for other nodes to verify zombies. [env: FLEETGATE_VERIFY_TIMEOUT] (default: 250ms)")
+    var verifyTimeout: String?
+
+    // Sessions
+    @Option(help: "Server ping interval. [env: FLEETGATE_PING_INTERVAL] (default: 15s)") var pingInterval: String?
+    @Option(help: "Unanswered pings before a client is closed and released. [env: FLEETGATE_MISSED_PONGS] (default: 2)") var missedPongs: Int?
+    @Option(help: "Largest WebSocket frame in bytes (larger: close 1009). [env: FLEETGATE_MAX_FRAME_SIZE] (default: 65536)") var maxFrameSize: Int?
+    @Option(help: "Largest message in bytes, all frames. [env: FLEETGATE_MAX_MESSAGE_SIZE] (default: 1048576)") var maxMessageSize: Int?
+    @Option(help: "Time from connecting to a completed upgrade. [env: FLEETGATE_HANDSHAKE_TIMEOUT] (default: 10s)") var handshakeTimeout: String?
+    @Option(help: "Most WebSocket connections on this node (more: 503). [env: FLEETGATE_MAX_CONNECTIONS] (default: 10000)") var maxConnections: Int?
+    @Option(help: "Deadline for a graceful shutdown. [env: FLEETGATE_DRAIN_TIMEOUT] (default: 10s)") var drainTimeout: String?
+    @Option(help: "Run events' pause for the demo handler. [env: FLEETGATE_AGENT_STEP] (default: 50ms)") var agentStep: String?
+
+    // Operations
+    @Option(help: "Bearer token for /admin (at least 16 characters); without one /admin answers 404. [env: FLEETGATE_ADMIN_TOKEN]")
+    var adminToken: String?
+    @Option(help: "trace, debug, info, notice, warning, error or critical. [env: FLEETGATE_LOG_LEVEL] (default: info)") var logLevel: String?
+
+    func run() async throws {
+        let settings = try ServeSettings(self, environment: ProcessInfo.processInfo.environment)
+        try await settings.run()
+    }
+}
+
+/// A start-up problem, printed as one line.
+struct ServeError: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// The resolved settings of `fleetgate serve`: flag, else environment variable, else default.
+struct ServeSettings {
+    var gateway = GatewayConfiguration()
+    var limiter: LimiterConfiguration
+    var redisURL = "redis://127.0.0.1:6379"
+    var tokenKey: TokenVerifier.Key
+    var leeway: Duration = .seconds(30)
+    var logLevel: Logger.Level = .info
+    var agentStep: Duration = .milliseconds(50)
+
+    init(_ serve: Serve, environment: [String: String]) throws {
+        func pick<T>(_ flag: T?, _ variable: String, _ parse: (String) -> T?) throws -> T? {
+            if let flag { return flag }
+            guard let raw = environment[variable], !raw.isEmpty else { return nil }
+            guard let value = parse(raw) else { throw ServeError("invalid \(variable)=\"\(raw)\"") }
+            return value
+        }
+        func text(_ flag: String?, _ variable: String) throws -> String? { try pick(flag, variable) { $0 } }
+        func int(_ flag: Int?, _ variable: String, _ name: String) throws -> Int? { try pick(flag, variable) { Int($0) } }
+        func duration(_ flag: String?, _ variable: String, _ name: String) throws -> Duration? {
+            guard let raw = try text(flag, variable) else { return nil }
+            guard let value = Self.parseDuration(raw) else {
+                throw ServeError("invalid --\(name) \"\(raw)\": use a number with ms, s or m, e.g. 250ms, 15s")
+            }
+            return value
+        }
+        func choice<E: RawRepresentable>(_ flag: String?, _ variable: String, _ name: String, _ values: [String: E]) throws -> E? {
+            guard let raw = try text(flag, variable) else { return nil }
+            guard let value = values[raw] else {
+                throw ServeError("invalid --\(name) \"\(raw)\": use one of \(values.keys.sorted().joined(separator: ", "))")
+            }
+            return value
+        }
+        func onOff(_ flag: String?, _ variable: String, _ name: String) throws -> Bool? {
+            guard let raw = try text(flag, variable) else { return nil }
+            switch raw.lowercased() {
+            case "on", "true", "yes", "1": return true
+            case "off", "false", "no", "0": return false
+            default: throw ServeError("invalid --\(name) \"\(raw)\": use on or off")
+            }
+        }
+
+        limiter = LimiterConfiguration(nodeName: try text(serve.nodeName, "FLEETGATE_NODE_NAME") ?? LimiterConfiguration.hostName())
+        if let value = try text(serve.host, "FLEETGATE_HOST") { gateway.host = value }
+        if let value = try int(serve.port, "FLEETGATE_PORT", "port") { gateway.port = value }
+        if let value = try text(serve.redis, "FLEETGATE_REDIS_URL") { redisURL = value }
+        if let value = try text(serve.keyPrefix, "FLEETGATE_KEY_PREFIX") { limiter.keyPrefix = value }
+
+        let secret = try text(serve.jwtSecret, "FLEETGATE_JWT_SECRET")
+        let publicKeyPath = try text(serve.jwtPublicKey, "FLEETGATE_JWT_PUBLIC_KEY")
+        switch (secret, publicKeyPath) {
+        case (nil, nil):
+            throw ServeError("no token key: set --jwt-secret (or FLEETGATE_JWT_SECRET) for HS256, or --jwt-public-key <pem file> for RS256/ES256")
+        case (.some, .some):
+            throw ServeError("--jwt-secret and --jwt-public-key exclude each other: the gateway pins one algorithm")
+        case (let secret?, nil):
+            guard secret.utf8.count >= 32 else { throw ServeError("the HS256 secret must be at least 32 bytes (it has \(secret.utf8.count))") }
+            tokenKey = .hs256(secret: secret)
+        case (nil, let path?):
+            guard let pem = try? String(contentsOfFile: path, encoding: .utf8) else { throw ServeError("cannot read the public key file \(path)") }
+            tokenKey = Self.isRSA(pem) ? .rs256(publicKeyPEM: pem) : .es256(publicKeyPEM: pem)
+        }
+        if let value = try duration(serve.jwtLeeway, "FLEETGATE_JWT_LEEWAY", "jwt-leeway") { leeway = value }
+
+        if let value = try int(serve.defaultLimit, "FLEETGATE_DEFAULT_LIMIT", "default-limit") { limiter.defaultLimit = value }
+        if let value = try choice(serve.denyMode, "FLEETGATE_DENY_MODE", "deny-mode", ["http": GatewayConfiguration.DenyMode.http, "close": .close]) {
+            gateway.denyMode = value
+        }
+        if let value = try choice(
+            serve.overflow, "FLEETGATE_OVERFLOW", "overflow",
+            ["reject-new": LimiterConfiguration.OverflowPolicy.rejectNew, "evict-oldest": .evictOldest])
+        {
+            limiter.policies.overflow = value
+        }
+        if let value = try choice(
+            serve.onRedisDown, "FLEETGATE_ON_REDIS_DOWN", "on-redis-down", ["local": LimiterConfiguration.RedisDownPolicy.local, "reject": .reject])
+        {
+            limiter.policies.onRedisDown = value
+        }
+        if let value = try choice(
+            serve.onLeaseLoss, "FLEETGATE_ON_LEASE_LOSS", "on-lease-loss", ["keep": LimiterConfiguration.LeaseLossPolicy.keep, "close": .close])
+        {
+            limiter.policies.onLeaseLoss = value
+        }
+        if let value = try onOff(serve.dryRun, "FLEETGATE_DRY_RUN", "dry-run") { limiter.policies.dryRun = value }
+        if let value = try onOff(serve.limiter, "FLEETGATE_LIMITER", "limiter") { gateway.limiterEnabled = value }
+
+        if let value = try duration(serve.heartbeatInterval, "FLEETGATE_HEARTBEAT_INTERVAL", "heartbeat-interval") {
+            limiter.heartbeat.interval = value
+        }
+        if let value = try duration(serve.nodeTTL, "FLEETGATE_NODE_TTL", "node-ttl") { limiter.heartbeat.nodeTTL = value }
+        if let value = try duration(serve.leaseTTL, "FLEETGATE_LEASE_TTL", "lease-ttl") { limiter.lease.ttl = value }
+        if let value = try duration(serve.leaseRenewInterval, "FLEETGATE_LEASE_RENEW_INTERVAL", "lease-renew-interval") {
+            limiter.lease.renewInterval = value
+        }
+        if let value = try duration(serve.verifyTimeout, "FLEETGATE_VERIFY_TIMEOUT", "verify-timeout") { limiter.verifyTimeout = value }
+
+        if let value = try duration(serve.pingInterval, "FLEETGATE_PING_INTERVAL", "ping-interval") { gateway.pingInterval = value }
+        if let value = try int(serve.missedPongs, "FLEETGATE_MISSED_PONGS", "missed-pongs") { gateway.missedPongLimit = value }
+        if let value = try int(serve.maxFrameSize, "FLEETGATE_MAX_FRAME_SIZE", "max-frame-size") { gateway.maxFrameSize = value }
+        if let value = try int(serve.maxMessageSize, "FLEETGATE_MAX_MESSAGE_SIZE", "max-message-size") { gateway.maxMessageSize = value }
+        if let value = try duration(serve.handshakeTimeout, "FLEETGATE_HANDSHAKE_TIMEOUT", "handshake-timeout") { gateway.handshakeTimeout = value }
+        if let value = try int(serve.maxConnections, "FLEETGATE_MAX_CONNECTIONS", "max-connections") { gateway.maxConnections = value }
+        if let value = try duration(serve.drainTimeout, "FLEETGATE_DRAIN_TIMEOUT", "drain-timeout") { gateway.drainTimeout = value }
+        if let value = try duration(serve.agentStep, "FLEETGATE_AGENT_STEP", "agent-step") { agentStep = value }
+        gateway.adminToken = try text(serve.adminToken, "FLEETGATE_ADMIN_TOKEN").flatMap { $0.isEmpty ? nil : $0 }
+        if let raw = try text(serve.logLevel, "FLEETGATE_LOG_LEVEL") {
+            guard let level = Logger.Level(rawValue: raw) else {
+                throw ServeError("invalid --log-level \"\(raw)\": use trace, debug, info, notice, warning, error or critical")
+            }
+            logLevel = level
+        }
+
+        do {
+            try gateway.validate()
+        } catch {
+            throw ServeError("invalid gateway setting: \(error.message)")
+        }
+        do {
+            try limiter.validate()
+        } catch {
+            throw ServeError(error.message)
+        }
+        do {
+            _ = try RedisClientConfiguration(url: redisURL)
+        } catch {
+            throw ServeError(error.message)
+        }
+    }
+
+    /// Parses `250ms`, `15s`, `2m` (a bare number is seconds).
+    static func parseDuration(_ text: String) -> Duration? {
+        let units: [(String, Double)] = [("ms", 0.001), ("s", 1), ("m", 60)]
+        for (suffix, scale) in units where text.hasSuffix(suffix) {
+            guard let number = Double(text.dropLast(suffix.count)), number >= 0, number.isFinite else { return nil }
+            return .milliseconds(Int64((number * scale * 1000).rounded()))
+        }
+        guard let number = Double(text), number >= 0, number.isFinite else { return nil }
+        return .milliseconds(Int64((number * 1000).rounded()))
+    }
+
+    static func isRSA(_ pem: String) -> Bool {
+        if pem.contains("BEGIN RSA PUBLIC KEY") { return true }
+        // A SubjectPublicKeyInfo names its algorithm by OID: rsaEncryption is 1.2.840.113549.1.1.1.
+        let base64 = pem.split(separator: "\n").filter { !$0.hasPrefix("-----") }.joined()
+        guard let der = Data(base64Encoded: base64) else { return false }
+        let rsaOID: [UInt8] = [0x2A, 0x86, 0x48, 0x86, 0xF7, 0x0D, 0x01, 0x01, 0x01]
+        let bytes = [UInt8](der)
+        guard bytes.count >= rsaOID.count else { return false }
+        return (0...(bytes.count - rsaOID.count)).contains { Array(bytes[$0..<$0 + rsaOID.count]) == rsaOID }
+    }
+
+    func run() async throws {
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = logLevel
+            return handler
+        }
+        var logger = Logger(label: "fleetgate.serve")
+        logger[metadataKey: "fleetgate.node-name"] = "\(limiter.nodeName)"
+        let registry = PrometheusCollectorRegistry()
+        let metricsFactory = PrometheusMetricsFactory(registry: registry)
+        MetricsSystem.bootstrap(metricsFactory)
+        var limiterConfiguration = limiter
+        limiterConfiguration.metricsFactory = metricsFactory
+
+        let verifier: TokenVerifier
+        do {
+            verifier = try await TokenVerifier(key: tokenKey, leeway: leeway)
+        } catch {
+            throw ServeError("cannot use the token key: \(error)")
+        }
+        var services: [any Service] = []
+        var redisClient: RedisClient?
+        var connectionLimiter: ConnectionLimiter?
+        if gateway.limiterEnabled {
+            var redisConfiguration = try RedisClientConfiguration(url: redisURL)
+            redisConfiguration.clientName = "fleetgate-\(limiter.nodeName)"
+            let redis = RedisClient(configuration: redisConfiguration, logger: Logger(label: "fleetgate.redis"))
+            let limiter = ConnectionLimiter(redis: redis, configuration: limiterConfiguration, logger: Logger(label: "fleetgate.limiter"))
+            services += [redis, limiter]
+            redisClient = redis
+            connectionLimiter = limiter
+        } else {
+            logger.warning("the limiter is off: every connection is admitted (benchmark mode)")
+        }
+        let host = gateway.host
+        let nodeName = limiter.nodeName
+        let gatewayService = Gateway(
+            configuration: gateway, verifier: verifier, redis: redisClient, limiter: connectionLimiter,
+            handler: AgentDemoHandler(stepDelay: agentStep), metricsFactory: metricsFactory, prometheus: registry,
+            logger: Logger(label: "fleetgate.gateway")
+        ) { port in
+            // Unbuffered, so a supervisor (or a test) reading stdout sees the line at once.
+            FileHandle.standardOutput.write(Data("fleetgate: listening on \(host):\(port) node=\(nodeName)\n".utf8))
+        }
+        services.append(gatewayService)
+        var groupConfiguration = ServiceGroupConfiguration(
+            services: services.map { .init(service: $0) },
+            gracefulShutdownSignals: [.sigterm, .sigint],
+            cancellationSignals: [],
+            logger: logger
+        )
+        // Past the drain deadline the group cancels what is left: entries not yet released expire with the node.
+        groupConfiguration.maximumGracefulShutdownDuration = gateway.drainTimeout
+        groupConfiguration.maximumCancellationDuration = .seconds(2)
+        let group = ServiceGroup(configuration: groupConfiguration)
+        try await group.run()
+        logger.info("stopped")
+    }
+}

@@ -1,0 +1,208 @@
+import Foundation
+import Glibc
+import TestSupport
+import Testing
+
+@Suite("Gateway nodes: real processes, real WebSockets, one Redis", .timeLimit(.minutes(2)))
+struct GatewayProcessTests {
+    @Test("the limit holds across three nodes: 20 admitted, the 21st gets 429 with the counts on any node")
+    func limitAcrossNodes() async throws {
+        try await Fleet.with(3) { fleet in
+            let token = try await Tokens.valid("carol")
+            var open: [HeldWebSocket] = []
+            for index in 0..<20 {
+                open.append(try await HeldWebSocket.open(port: fleet.nodes[index % 3].port, token: token))
+            }
+            #expect(try await fleet.entries("carol").count == 20)
+            for node in 0..<3 {
+                let answer = try await fleet.upgrade(on: node, token: token)
+                #expect(answer.status == 429, "\(answer)")
+                #expect(answer.json["error"] as? String == "connection_limit_exceeded")
+                #expect(answer.json["user"] as? String == "carol")
+                #expect(answer.json["limit"] as? Int == 20)
+                #expect(answer.json["current"] as? Int == 20)
+                #expect((answer.json["retry_after_ms"] as? Int ?? -1) >= 0)
+                #expect(Int(answer.headers["retry-after"] ?? "") ?? 0 >= 1, "\(answer.headers)")
+            }
+            // One closes: a new connection is admitted again, on another node.
+            await open.removeFirst().close()
+            var reopened: HeldWebSocket?
+            let admitted = await eventually {
+                reopened = try? await HeldWebSocket.open(port: fleet.nodes[2].port, token: token)
+                return reopened != nil
+            }
+            #expect(admitted)
+            if let reopened { open.append(reopened) }
+            #expect(try await fleet.entries("carol").count == 20)
+            for connection in open { await connection.close() }
+            #expect(try await eventually { try await fleet.entries("carol").isEmpty })
+        }
+    }
+
+    @Test("--deny-mode close accepts the upgrade and closes it at once with 4429 and the counts")
+    func denyModeClose() async throws {
+        try await Fleet.with(1, arguments: ["--deny-mode", "close"]) { fleet in
+            let token = try await Tokens.valid("dave", limit: 1)
+            let first = try await HeldWebSocket.open(port: fleet.nodes[0].port, token: token)
+            let second = try await HeldWebSocket.open(port: fleet.nodes[0].port, token: token)
+            let close = try #require(try await second.closedByServer())
+            #expect(close.code == 4429)
+            #expect(close.reason == "connection limit exceeded (1/1)")
+            #expect(try await fleet.entries("dave").count == 1)
+            await first.close()
+        }
+    }
+
+    @Test("missing, expired, forged, alg:none and wrong-algorithm tokens get 401 naming the check; nothing is registered")
+    func tokenErrors() async throws {
+        try await Fleet.with(1) { fleet in
+            let cases: [(String?, String)] = [
+                (nil, "missing"),
+                (try await Tokens.valid("eve", expiresIn: -120), "expired"),
+                (try await Tokens.valid("eve", secret: "another-secret-that-is-32-bytes-long!!"), "signature"),
+                (Tokens.unsigned("eve"), "algorithm"),
+                (try await Tokens.wrongAlgorithm("eve"), "algorithm"),
+                ("not-a-jwt", "malformed"),
+            ]
+            for (token, check) in cases {
+                let answer = try await fleet.upgrade(on: 0, token: token)
+                #expect(answer.status == 401, "\(check): \(answer)")
+                #expect(answer.json["error"] as? String == "unauthorized")
+                #expect(answer.json["check"] as? String == check, "\(answer)")
+            }
+            // The query-string form is read too.
+            let viaQuery = try await RawHTTP.get(port: fleet.nodes[0].port, path: "/ws?access_token=garbage", upgrade: true)
+            #expect(viaQuery.status == 401 && viaQuery.json["check"] as? String == "malformed", "\(viaQuery)")
+            #expect(try await fleet.keys().filter { $0.contains("{u:") }.isEmpty)
+        }
+    }
+
+    @Test("a client that stops answering pings is closed and its entry released")
+    func deadClientReleased() async throws {
+        try await Fleet.with(1, arguments: ["--ping-interval", "200ms", "--missed-pongs", "2"]) { fleet in
+            let token = try await Tokens.valid("frank")
+            let silent = try await RawWebSocket.connect(port: fleet.nodes[0].port, token: token)
+            defer { silent.close() }
+            #expect(try await fleet.entries("frank").count == 1)
+            // It never answers: pings arrive, then the server gives up and closes the socket.
+            var pings = 0
+            var closeCode: UInt16?
+            while let frame = try await silent.nextFrame(timeout: .seconds(10)) {
+                if frame.opcode == 0x9 { pings += 1 }
+                if frame.opcode == 0x8 { closeCode = frame.closeCode }
+            }
+            #expect(pings >= 2)
+            #expect(closeCode == 1001)
+            #expect(try await eventually { try await fleet.entries("frank").isEmpty })
+        }
+    }
+
+    @Test("SIGTERM drains: clients get 1001, the node exits 0 and leaves no key in Redis")
+    func sigtermDrains() async throws {
+        try await Fleet.with(2) { fleet in
+            let token = try await Tokens.valid("grace")
+            let a = try await HeldWebSocket.open(port: fleet.nodes[0].port, token: token)
+            let b = try await HeldWebSocket.open(port: fleet.nodes[0].port, token: token)
+            let other = try await HeldWebSocket.open(port: fleet.nodes[1].port, token: token)
+            #expect(try await fleet.entries("grace").count == 3)
+            let started = ContinuousClock.now
+            let status = try await fleet.nodes[0].terminate(timeout: .seconds(15))
+            let took = ContinuousClock.now - started
+            #expect(status == 0, "\(fleet.nodes[0].standardError())")
+            #expect(took < .seconds(10), "drain took \(took)")
+            #expect(try await a.closedByServer()?.code == 1001)
+            #expect(try await b.closedByServer()?.code == 1001)
+            let entries = try await fleet.entries("grace", on: 1)
+            #expect(entries.count == 1, "\(entries)")
+            await other.close()
+            try await fleet.nodes[1].terminate()
+            let left = try await fleet.keys()
+            #expect(left.isEmpty, "\(left)")
+        }
+    }
+
+    @Test("evict-oldest: a new connection at the limit closes the oldest socket with 4409")
+    func kickClosesOldest() async throws {
+        try await Fleet.with(2, arguments: ["--overflow", "evict-oldest"]) { fleet in
+            let token = try await Tokens.valid("heidi", limit: 2)
+            let oldest = try await HeldWebSocket.open(port: fleet.nodes[0].port, token: token)
+            let middle = try await HeldWebSocket.open(port: fleet.nodes[1].port, token: token)
+            let newest = try await HeldWebSocket.open(port: fleet.nodes[1].port, token: token)
+            let close = try #require(try await oldest.closedByServer())
+            #expect(close.code == 4409)
+            #expect(close.reason.hasPrefix("evicted"), "\(close.reason)")
+            #expect(try await eventually { try await fleet.entries("heidi").count == 2 })
+            await middle.close()
+            await newest.close()
+        }
+    }
+
+    @Test("the agent flow streams its five events in order while the user is at the limit")
+    func agentFlowAtLimit() async throws {
+        try await Fleet.with(1, arguments: ["--agent-step", "20ms"]) { fleet in
+            let token = try await Tokens.valid("ivan", limit: 1)
+            let session = try await HeldWebSocket.open(port: fleet.nodes[0].port, token: token)
+            let denied = try await fleet.upgrade(on: 0, token: token)
+            #expect(denied.status == 429)
+            session.send(#"{"type":"run","prompt":"hello"}"#)
+            var events: [String] = []
+            for _ in 0..<5 {
+                let text = try #require(try await session.nextMessage())
+                let object = try #require(try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any])
+                events.append(object["type"] as? String ?? "?")
+            }
+            #expect(events == ["agent_started", "agent_thinking", "tool_executing", "tool_completed", "agent_completed"])
+            session.send(#"{"type":"echo","n":1}"#)
+            #expect(try await session.nextMessage() == #"{"type":"echo","n":1}"#)
+            session.send("garbage")
+            let error = try #require(try await session.nextMessage())
+            #expect(error.contains(#""error":"invalid_json""#), "\(error)")
+            await session.close()
+        }
+    }
+
+    @Test("/readyz turns 503 when Redis stops, and /healthz stays 200")
+    func readinessFollowsRedis() async throws {
+        try await RedisServer.withServer { server throws in
+            try await Fleet.with(1, redis: server) { fleet in
+                let port = fleet.nodes[0].port
+                #expect(try await eventually { try await RawHTTP.get(port: port, path: "/readyz").status == 200 })
+                await server.stop()
+                #expect(try await eventually { try await RawHTTP.get(port: port, path: "/readyz").status == 503 })
+                let health = try await RawHTTP.get(port: port, path: "/healthz")
+                #expect(health.status == 200)
+            }
+        }
+    }
+
+    @Test("/metrics exposes the limiter's and the gateway's metrics in Prometheus text")
+    func metrics() async throws {
+        try await Fleet.with(1) { fleet in
+            let session = try await HeldWebSocket.open(port: fleet.nodes[0].port, token: try await Tokens.valid("judy"))
+            let answer = try await RawHTTP.get(port: fleet.nodes[0].port, path: "/metrics")
+            #expect(answer.status == 200)
+            #expect(answer.headers["content-type"]?.hasPrefix("text/plain") == true)
+            #expect(answer.body.contains(#"fleetgate_admissions_total{result="admitted"} 1"#), "\(answer.body.prefix(2000))")
+            #expect(answer.body.contains("fleetgate_local_connections 1"))
+            #expect(answer.body.contains(#"fleetgate_gateway_upgrades_total{result="accepted"} 1"#))
+            await session.close()
+        }
+    }
+
+    @Test("/admin refuses a missing or wrong token, answers with the right one, and is 404 without an admin token")
+    func adminAuth() async throws {
+        try await Fleet.with(1) { fleet in
+            let port = fleet.nodes[0].port
+            #expect(try await RawHTTP.get(port: port, path: "/admin/nodes").status == 401)
+            #expect(
+                try await RawHTTP.get(port: port, path: "/admin/nodes", headers: ["Authorization": "Bearer wrong-token-0123456789"]).status == 401)
+            let nodes = try await RawHTTP.get(port: port, path: "/admin/nodes", headers: ["Authorization": "Bearer \(adminToken)"])
+            #expect(nodes.status == 200)
+            #expect((nodes.json["nodes"] as? [[String: Any]])?.count == 1, "\(nodes)")
+        }
+        try await Fleet.with(1, arguments: ["--admin-token", ""]) { fleet in
+            let answer = try await RawHTTP.get(port: fleet.nodes[0].port, path: "/admin/nodes", headers: ["Authorization": "Bearer \(adminToken)"])
+            #expect(answer.status == 404)
+        }
+    }
+}
