@@ -140,6 +140,7 @@ let package = Package(
             dependencies: [
                 "Gateway",
                 .product(name: "JWTKit", package: "jwt-kit"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
             ],
             swiftSettings: swiftSettings
         ),

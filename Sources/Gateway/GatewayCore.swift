@@ -213,6 +213,7 @@ final class GatewayCore: Sendable {
                 case .closeAtOnce(let code, let reason):
                     connection.close(code: code, reason: reason)
                     await Self.drainUntilClosed(inbound, connection: connection)
+                    await connection.closeFrameWritten()
                     return
                 case .refuse:
                     return
@@ -251,6 +252,8 @@ final class GatewayCore: Sendable {
                 } onGracefulShutdown: {
                     connection.close(code: GatewayCloseCode.goingAway, reason: "node shutting down")
                 }
+                // Our close frame must be out before the channel closes at the end of this scope.
+                await connection.closeFrameWritten()
                 connection.cancelCloseTimer()
             }
         } catch {
@@ -266,9 +269,7 @@ final class GatewayCore: Sendable {
             for try await frame in inbound {
                 connection.clientIsAlive()
                 guard frame.maskKey != nil else {
-                    connection.close(code: GatewayCloseCode.protocolError, reason: "client frames must be masked")
-                    connection.abort()
-                    return
+                    return protocolError(connection, "client frames must be masked")
                 }
                 switch frame.opcode {
                 case .ping:
@@ -278,12 +279,14 @@ final class GatewayCore: Sendable {
                     break
                 case .connectionClose:
                     if connection.closingCode == nil {
-                        // The client closes: echo its code (RFC 6455 §5.5.1), then the socket can go.
+                        // The client closes: echo its code (RFC 6455 §5.5.1); the socket closes once that is out.
                         var data = frame.unmaskedData
                         let code = data.readInteger(as: UInt16.self) ?? GatewayCloseCode.normal
-                        connection.close(code: Self.isValidCloseCode(code) ? code : GatewayCloseCode.protocolError, reason: "")
+                        connection.close(code: Self.isValidCloseCode(code) ? code : GatewayCloseCode.protocolError, reason: "", waitForAnswer: false)
+                    } else {
+                        // The answer to our close: the handshake is complete.
+                        connection.abort()
                     }
-                    connection.abort()
                     return
                 case .text, .binary:
                     guard connection.closingCode == nil else { continue }
@@ -319,8 +322,7 @@ final class GatewayCore: Sendable {
     }
 
     private func protocolError(_ connection: SessionConnection, _ reason: String) {
-        connection.close(code: GatewayCloseCode.protocolError, reason: reason)
-        connection.abort()
+        connection.close(code: GatewayCloseCode.protocolError, reason: reason, waitForAnswer: false)
     }
 
     /// Hands one message to the handler; false if the connection must stop reading.

@@ -15,6 +15,8 @@ final class SessionConnection: Sendable {
         /// Pings sent since the last pong (or any frame) from the client.
         var unansweredPings = 0
         var closeTimer: Scheduled<Void>?
+        /// Writes our close frame (and, without waiting for an answer, closes the socket after it).
+        var closeWrite: Task<Void, Never>?
     }
 
     let channel: any Channel
@@ -59,27 +61,32 @@ final class SessionConnection: Sendable {
     /// closes the socket if the client has not answered within the close timeout (or right after the frame is out,
     /// with `waitForAnswer: false`, for a peer that is gone).
     func close(code: UInt16, reason: String, waitForAnswer: Bool = true) {
-        let first = state.withLockedValue { state -> Bool in
-            guard state.closingWith == nil else { return false }
-            state.closingWith = code
-            return true
-        }
-        guard first else { return }
-        var data = channel.allocator.buffer(capacity: 2 + reason.utf8.count)
+        // A close reason must fit a control frame (125 bytes including the code): cut at a character boundary.
+        var shortReason = Substring(reason)
+        while shortReason.utf8.count > 123 { shortReason = shortReason.dropLast() }
+        var data = channel.allocator.buffer(capacity: 2 + shortReason.utf8.count)
         data.writeInteger(code)
-        // A close reason must fit a control frame (125 bytes including the code).
-        data.writeString(String(decoding: reason.utf8.prefix(123), as: UTF8.self))
+        data.writeString(String(shortReason))
         let frame = WebSocketFrame(fin: true, opcode: .connectionClose, data: data)
         let channel = channel
         let outbound = outbound
         let timeout = configuration.closeTimeout
-        Task {
-            try? await outbound.write(frame)
-            outbound.finish()
-            if !waitForAnswer { try? await channel.close() }
+        // One lock for the decision and the bookkeeping, so closeFrameWritten() never misses a write in flight.
+        state.withLockedValue { state in
+            guard state.closingWith == nil else { return }
+            state.closingWith = code
+            state.closeWrite = Task {
+                try? await outbound.write(frame)
+                outbound.finish()
+                if !waitForAnswer { try? await channel.close() }
+            }
+            state.closeTimer = channel.eventLoop.scheduleTask(in: .init(timeout)) { channel.close(promise: nil) }
         }
-        let timer = channel.eventLoop.scheduleTask(in: .init(timeout)) { channel.close(promise: nil) }
-        state.withLockedValue { $0.closeTimer = timer }
+    }
+
+    /// Waits until our close frame, if any, has been written (or failed to be: the socket is gone).
+    func closeFrameWritten() async {
+        await state.withLockedValue { $0.closeWrite }?.value
     }
 
     /// Closes the socket without a handshake (the client is gone or broke the protocol after our close frame).

@@ -206,3 +206,100 @@ struct GatewayProcessTests {
         }
     }
 }
+
+@Suite("Gateway nodes: failure modes and limits", .timeLimit(.minutes(2)))
+struct GatewayFailureTests {
+    @Test("a node cut off from Redis with --on-lease-loss close closes its sockets with 1012 before its lease runs out")
+    func fencingClosesWith1012() async throws {
+        let redis = try await SharedRedisServer.get()
+        let proxy = try await TCPProxy.start(upstreamPort: redis.port)
+        let arguments = ["--on-lease-loss", "close", "--heartbeat-interval", "200ms", "--node-ttl", "1s", "--redis", proxy.url]
+        try await Fleet.with(1, arguments: arguments) { fleet in
+            let session = try await HeldWebSocket.open(port: fleet.nodes[0].port, token: try await Tokens.valid("mallory"))
+            let cut = ContinuousClock.now
+            proxy.cut()
+            let close = try #require(try await session.closedByServer())
+            let after = ContinuousClock.now - cut
+            #expect(close.code == 1012, "\(close)")
+            #expect(after < .seconds(1), "fenced \(after) after the cut, the node TTL is 1 s")
+            print("fenced and closed with 1012 \(after) after the link to Redis was cut (node TTL 1 s)")
+        }
+        await proxy.stop()
+    }
+
+    @Test("Redis down with --on-redis-down reject: upgrades get 503 (HTTP) or 1013 (--deny-mode close)")
+    func redisDownReject() async throws {
+        try await RedisServer.withServer { server throws in
+            try await Fleet.with(2, redis: server, arguments: ["--on-redis-down", "reject"]) { fleet in
+                let token = try await Tokens.valid("niaj")
+                await server.stop()
+                let answer = try await fleet.upgrade(on: 0, token: token)
+                #expect(answer.status == 503, "\(answer)")
+                #expect(answer.json["error"] as? String == "redis_unavailable", "\(answer)")
+            }
+        }
+        try await RedisServer.withServer { server throws in
+            try await Fleet.with(1, redis: server, arguments: ["--on-redis-down", "reject", "--deny-mode", "close"]) { fleet in
+                let token = try await Tokens.valid("niaj")
+                await server.stop()
+                let session = try await HeldWebSocket.open(port: fleet.nodes[0].port, token: token)
+                #expect(try await session.closedByServer()?.code == 1013)
+            }
+        }
+    }
+
+    @Test("frames over --max-frame-size close with 1009; garbage opcodes with 1002; the node keeps serving")
+    func frameLimits() async throws {
+        try await Fleet.with(1, arguments: ["--max-frame-size", "1024"]) { fleet in
+            let token = try await Tokens.valid("olivia", limit: 5)
+            let big = try await RawWebSocket.connect(port: fleet.nodes[0].port, token: token)
+            try big.send(opcode: 0x1, payload: Array(repeating: 0x61, count: 4096))
+            var code: UInt16?
+            while let frame = try await big.nextFrame(timeout: .seconds(10)) {
+                if frame.opcode == 0x8 { code = frame.closeCode }
+            }
+            #expect(code == 1009)
+            big.close()
+
+            let odd = try await RawWebSocket.connect(port: fleet.nodes[0].port, token: token)
+            try odd.send(opcode: 0x3, payload: [1, 2, 3])
+            let frame = try await odd.nextFrame(timeout: .seconds(10))
+            #expect(frame?.closeCode == 1002, "\(String(describing: frame))")
+            odd.close()
+
+            #expect(try await eventually { try await fleet.entries("olivia").isEmpty })
+            let fine = try await HeldWebSocket.open(port: fleet.nodes[0].port, token: token)
+            fine.send(#"{"type":"echo"}"#)
+            #expect(try await fine.nextMessage() == #"{"type":"echo"}"#)
+            await fine.close()
+        }
+    }
+
+    @Test("a client that connects and never finishes its handshake is dropped after --handshake-timeout")
+    func handshakeTimeout() async throws {
+        try await Fleet.with(1, arguments: ["--handshake-timeout", "300ms"]) { fleet in
+            let socket = try await RawSocket.connect(port: fleet.nodes[0].port)
+            defer { socket.close() }
+            try socket.send(Array("GET /ws HTTP/1.1\r\nHost: x\r\n".utf8))
+            let started = ContinuousClock.now
+            let data = try await socket.receive(timeout: .seconds(10))
+            #expect(data.isEmpty, "the server should close, not answer: \(String(decoding: data, as: UTF8.self))")
+            #expect(ContinuousClock.now - started < .seconds(5))
+        }
+    }
+
+    @Test("--max-connections caps one node: the next upgrade gets 503 node_full, another node still admits")
+    func nodeCap() async throws {
+        try await Fleet.with(2, arguments: ["--max-connections", "2"]) { fleet in
+            let token = try await Tokens.valid("peggy")
+            let a = try await HeldWebSocket.open(port: fleet.nodes[0].port, token: token)
+            let b = try await HeldWebSocket.open(port: fleet.nodes[0].port, token: token)
+            let answer = try await fleet.upgrade(on: 0, token: token)
+            #expect(answer.status == 503)
+            #expect(answer.json["error"] as? String == "node_full")
+            let c = try await HeldWebSocket.open(port: fleet.nodes[1].port, token: token)
+            #expect(try await fleet.entries("peggy").count == 3)
+            for session in [a, b, c] { await session.close() }
+        }
+    }
+}

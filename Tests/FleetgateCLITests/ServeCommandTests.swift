@@ -1,0 +1,126 @@
+import ArgumentParser
+import ConnectionLimiter
+import Foundation
+import Gateway
+import TestSupport
+import Testing
+
+@testable import fleetgate
+
+@Suite("fleetgate serve: flags, environment, start-up errors")
+struct ServeCommandTests {
+    let secret = "a-serve-test-secret-of-32-bytes-or-more"
+
+    private func settings(_ arguments: [String], environment: [String: String] = [:]) throws -> ServeSettings {
+        let command = try #require(try Fleetgate.parseAsRoot(["serve"] + arguments) as? Serve)
+        return try ServeSettings(command, environment: environment)
+    }
+
+    @Test("defaults, and a flag wins over its environment variable")
+    func precedence() throws {
+        let defaults = try settings(["--jwt-secret", secret])
+        #expect(defaults.gateway.host == "127.0.0.1")
+        #expect(defaults.gateway.port == 8080)
+        #expect(defaults.redisURL == "redis://127.0.0.1:6379")
+        #expect(defaults.limiter.defaultLimit == 20)
+        #expect(defaults.gateway.denyMode == .http)
+        #expect(defaults.gateway.pingInterval == .seconds(15))
+        #expect(defaults.gateway.adminToken == nil)
+
+        let environment = [
+            "FLEETGATE_JWT_SECRET": secret, "FLEETGATE_PORT": "9000", "FLEETGATE_REDIS_URL": "redis://10.0.0.1:6380",
+            "FLEETGATE_DEFAULT_LIMIT": "5", "FLEETGATE_DENY_MODE": "close", "FLEETGATE_PING_INTERVAL": "500ms",
+            "FLEETGATE_OVERFLOW": "evict-oldest",
+        ]
+        let fromEnvironment = try settings([], environment: environment)
+        #expect(fromEnvironment.gateway.port == 9000)
+        #expect(fromEnvironment.redisURL == "redis://10.0.0.1:6380")
+        #expect(fromEnvironment.limiter.defaultLimit == 5)
+        #expect(fromEnvironment.gateway.denyMode == .close)
+        #expect(fromEnvironment.gateway.pingInterval == .milliseconds(500))
+        #expect(fromEnvironment.limiter.policies.overflow == .evictOldest)
+
+        let flagsWin = try settings(["--port", "9001", "--default-limit", "7", "--deny-mode", "http"], environment: environment)
+        #expect(flagsWin.gateway.port == 9001)
+        #expect(flagsWin.limiter.defaultLimit == 7)
+        #expect(flagsWin.gateway.denyMode == .http)
+        #expect(flagsWin.redisURL == "redis://10.0.0.1:6380")
+    }
+
+    @Test(
+        "bad values and a missing key are refused with one clear line",
+        arguments: [
+            ([String](), "no token key"),
+            (["--jwt-secret", "short"], "at least 32 bytes"),
+            (["--jwt-secret", "a-serve-test-secret-of-32-bytes-or-more", "--jwt-public-key", "/x.pem"], "exclude each other"),
+            (["--jwt-public-key", "/nonexistent/key.pem"], "cannot read the public key file"),
+            (["--jwt-secret", "a-serve-test-secret-of-32-bytes-or-more", "--deny-mode", "silent"], "--deny-mode"),
+            (["--jwt-secret", "a-serve-test-secret-of-32-bytes-or-more", "--ping-interval", "soon"], "--ping-interval"),
+            (["--jwt-secret", "a-serve-test-secret-of-32-bytes-or-more", "--port", "70000"], "port 70000"),
+            (["--jwt-secret", "a-serve-test-secret-of-32-bytes-or-more", "--redis", "http://x"], "Redis URL"),
+            (["--jwt-secret", "a-serve-test-secret-of-32-bytes-or-more", "--node-ttl", "1s"], "nodeTTL"),
+            (["--jwt-secret", "a-serve-test-secret-of-32-bytes-or-more", "--admin-token", "short"], "admin token"),
+        ])
+    func refuses(arguments: [String], mentions: String) throws {
+        do {
+            _ = try settings(arguments)
+            Issue.record("accepted \(arguments)")
+        } catch let error as ServeError {
+            #expect(error.description.contains(mentions), "\(error)")
+            #expect(!error.description.contains("\n"))
+        }
+    }
+
+    @Test("durations: ms, s, m and bare seconds")
+    func durations() {
+        #expect(ServeSettings.parseDuration("250ms") == .milliseconds(250))
+        #expect(ServeSettings.parseDuration("1.5s") == .milliseconds(1500))
+        #expect(ServeSettings.parseDuration("2m") == .seconds(120))
+        #expect(ServeSettings.parseDuration("3") == .seconds(3))
+        #expect(ServeSettings.parseDuration("-1s") == nil)
+        #expect(ServeSettings.parseDuration("fast") == nil)
+    }
+
+    @Test("the binary: --help documents every option with its variable; a bad flag or no key stops with one line")
+    func binary() async throws {
+        let binary = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("fleetgate")
+        func run(_ arguments: [String]) throws -> (status: Int32, out: String, err: String) {
+            let process = Process()
+            process.executableURL = binary
+            process.arguments = arguments
+            var environment = ProcessInfo.processInfo.environment
+            environment["FLEETGATE_JWT_SECRET"] = nil
+            process.environment = environment
+            let out = Pipe()
+            let err = Pipe()
+            process.standardOutput = out
+            process.standardError = err
+            try process.run()
+            let stdout = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            let stderr = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            process.waitUntilExit()
+            return (process.terminationStatus, stdout, stderr)
+        }
+        let help = try run(["serve", "--help"])
+        #expect(help.status == 0)
+        let mirror = Mirror(reflecting: try #require(try Fleetgate.parseAsRoot(["serve"]) as? Serve))
+        for child in mirror.children {
+            let name = try #require(child.label).dropFirst()  // "_host" -> "host"
+            // As ArgumentParser spells it: nodeName -> node-name, nodeTTL -> node-ttl.
+            let flag = "--" + name.replacing(/([a-z])([A-Z]+)/) { "\($0.output.1)-\($0.output.2)" }.lowercased()
+            #expect(help.out.contains(flag), "\(flag) missing from --help")
+        }
+        #expect(help.out.contains("FLEETGATE_REDIS_URL") && help.out.contains("FLEETGATE_JWT_SECRET"))
+
+        let badFlag = try run(["serve", "--no-such-flag"])
+        #expect(badFlag.status != 0)
+        #expect(badFlag.err.split(separator: "\n").count == 1, "\(badFlag.err)")
+        #expect(badFlag.err.contains("--no-such-flag"))
+
+        let noKey = try run(["serve", "--port", "0"])
+        #expect(noKey.status != 0)
+        #expect(
+            noKey.err
+                == "fleetgate: no token key: set --jwt-secret (or FLEETGATE_JWT_SECRET) for HS256, or --jwt-public-key <pem file> for RS256/ES256\n")
+    }
+}
