@@ -34,6 +34,6 @@ struct Fleetgate: AsyncParsableCommand {
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks, each next to a reference measured in the same run.",
-        subcommands: [BenchRedis.self, BenchAdmit.self]
+        subcommands: [BenchRedis.self, BenchAdmit.self, BenchGateway.self]
     )
 }
