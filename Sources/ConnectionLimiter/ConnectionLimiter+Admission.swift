@@ -68,6 +68,8 @@ extension ConnectionLimiter {
             throw LimiterError(code: .invalidLimit, message: "limit \(limit) for user \"\(user)\" must be between 0 and 1000000")
         }
         await waitForFirstRegistration()
+        // An earlier attempt with this id that timed out must not have its entry removed behind this one's back.
+        state.withLock { _ = $0.orphans.removeValue(forKey: connection) }
         let entry = state.withLock { state -> (running: Bool, added: Bool, node: String, usable: Bool, fenced: Bool, dead: [String], first: Bool) in
             guard state.running else { return (false, false, state.node, false, false, [], false) }
             let fenced = configuration.policies.onLeaseLoss == .close && (state.fenced || state.leaseLost)
@@ -102,13 +104,26 @@ extension ConnectionLimiter {
             }
             return await finishAdmission(user: user, connection: connection, node: entry.node, reply: reply)
         } catch let error as RedisError where Self.isUnavailability(error) {
-            return try fallback(user: user, connection: connection, limit: limit, reason: error.message)
+            do {
+                return try fallback(user: user, connection: connection, limit: limit, reason: error.message)
+            } catch {
+                // Refused (onRedisDown=reject) after a timeout: the script may still run once Redis answers, and its
+                // entry would then count against the user until its lease ran out. Remove it as soon as Redis is back.
+                forgetOrphan(user: user, member: Member(node: entry.node, connection: connection).text, connection: connection)
+                throw error
+            }
         } catch {
-            // Cancelled, or an answer we do not understand: never admit on that. The script may have run; our own
-            // cleanup (verify) or the lease removes such an entry.
+            // Cancelled, or an answer we do not understand: never admit on that. The script may have run: its entry
+            // is removed in the background (and the lease is the backstop).
             state.withLock { _ = $0.table.remove(connection) }
+            forgetOrphan(user: user, member: Member(node: entry.node, connection: connection).text, connection: connection)
             throw error
         }
+    }
+
+    /// Queues the removal of a member an unfinished admission may have left in Redis (see ``releaseRetryLoop()``).
+    func forgetOrphan(user: UserID, member: String, connection: String) {
+        state.withLock { $0.orphans[connection] = Orphan(user: user, member: member) }
     }
 
     /// Right after start the node is not registered yet: an admission then waits for the first registration (at
@@ -255,11 +270,17 @@ extension ConnectionLimiter {
         }
     }
 
-    /// Removes exactly these members of `user` (best effort; the lease is the backstop).
-    func removeMembers(_ members: [String], of user: UserID) async {
-        guard !members.isEmpty else { return }
-        _ = try? await redis.eval(
-            scripts.purge, keys: [keys.conns(user), keys.since(user)], arguments: ["members"] + members, timeout: configuration.admissionTimeout)
+    /// Removes exactly these members of `user` (best effort; the lease is the backstop). Returns whether Redis did.
+    @discardableResult
+    func removeMembers(_ members: [String], of user: UserID) async -> Bool {
+        guard !members.isEmpty else { return true }
+        do {
+            _ = try await redis.eval(
+                scripts.purge, keys: [keys.conns(user), keys.since(user)], arguments: ["members"] + members, timeout: configuration.admissionTimeout)
+            return true
+        } catch {
+            return false
+        }
     }
 
     /// Redis is unreachable (or the node unregistered): apply `onRedisDown`.
@@ -313,38 +334,46 @@ extension ConnectionLimiter {
             metrics.activeConnections.record(localConnectionCount)
             return
         }
+        // The user's last connection here leaves the node's users index in the same write as the release.
+        let user = entry.user
+        let leavesIndex = state.withLock { $0.table.byUser[user]?.count ?? 0 } <= 1
+        var steps: [PipelineStep] = [
+            .script(scripts.release, keys: [keys.conns(user), keys.since(user)], arguments: [Member(node: node, connection: connection).text])
+        ]
+        if leavesIndex { steps.append(.command(RedisCommand("SREM", keys.users(node), user.escaped))) }
         do {
-            try await redis.eval(
-                scripts.release,
-                keys: [keys.conns(entry.user), keys.since(entry.user)],
-                arguments: [Member(node: node, connection: connection).text],
-                timeout: configuration.admissionTimeout
-            )
+            let results = try await redis.pipeline(steps, timeout: configuration.admissionTimeout)
+            _ = try results[0].get()
         } catch {
             state.withLock { _ = $0.releaseRetries.insert(connection) }
             nodeLogger(node).debug("release failed; will retry", metadata: [LogKey.connection: "\(connection)", LogKey.error: "\(error)"])
             return
         }
-        guard let (removed, last) = state.withLock({ $0.table.remove(connection) }) else { return }
+        guard state.withLock({ $0.table.remove(connection) }) != nil else { return }
         metrics.activeConnections.record(localConnectionCount)
-        guard last else { return }
-        _ = try? await redis.send(RedisCommand("SREM", keys.users(node), removed.user.escaped), timeout: configuration.admissionTimeout)
-        // An admission of the same user may have sent its SADD before this SREM: put the user back if so, so the
+        // An admission of the same user may have sent its SADD before our SREM: put the user back if so, so the
         // sweeper still finds the user should this node die.
-        if state.withLock({ $0.table.hasConnections(of: removed.user) }) {
-            _ = try? await redis.send(RedisCommand("SADD", keys.users(node), removed.user.escaped), timeout: configuration.admissionTimeout)
+        if leavesIndex, state.withLock({ $0.table.hasConnections(of: user) }) {
+            _ = try? await redis.send(RedisCommand("SADD", keys.users(node), user.escaped), timeout: configuration.admissionTimeout)
         }
     }
 
-    /// Retries failed releases every second.
+    /// Retries failed releases every second, and removes the entries of admissions that failed after their script
+    /// may have run (a timeout, a cancellation) unless the same connection id has been admitted since.
     func releaseRetryLoop() async {
         while await pause(.seconds(1)) {
-            let pending = state.withLock { state -> [(String, LocalTable.Connection)] in
+            let (pending, orphans) = state.withLock { state -> ([(String, LocalTable.Connection)], [String: Orphan]) in
                 let ids = state.releaseRetries
                 state.releaseRetries = []
-                return ids.compactMap { id in state.table.connection(id).map { (id, $0) } }
+                let orphans = state.orphans.filter { state.table.connection($0.key) == nil }
+                return (ids.compactMap { id in state.table.connection(id).map { (id, $0) } }, orphans)
             }
             for (id, entry) in pending { await sendRelease(id, entry) }
+            for (connection, orphan) in orphans where await removeMembers([orphan.member], of: orphan.user) {
+                state.withLock { state in
+                    if state.orphans[connection]?.member == orphan.member { state.orphans[connection] = nil }
+                }
+            }
         }
     }
 }

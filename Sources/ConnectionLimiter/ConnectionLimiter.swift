@@ -51,6 +51,8 @@ public final class ConnectionLimiter: Service, Sendable {
         var table = LocalTable()
         /// Connections whose release failed, to retry.
         var releaseRetries: Set<String> = []
+        /// Members that failed admissions may have left in Redis, by connection id (removed by the retry loop).
+        var orphans: [String: Orphan] = [:]
         var verifications: [String: Verification] = [:]
         var subscription: RedisSubscription?
         /// The node id whose control channel is subscribed.
@@ -59,6 +61,12 @@ public final class ConnectionLimiter: Service, Sendable {
         var stopWaiter: CheckedContinuation<Void, Never>?
         /// Dead node ids to pass to the scripts.
         var deadList: [String] { Array(deadNodes.union(previousIncarnations)) }
+    }
+
+    /// A member an unfinished admission may have written.
+    struct Orphan: Sendable {
+        var user: UserID
+        var member: String
     }
 
     /// The configuration the limiter was created with.
