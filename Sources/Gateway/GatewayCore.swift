@@ -211,9 +211,12 @@ final class GatewayCore: Sendable {
                 case .accept(let accepted):
                     admitted = accepted
                 case .closeAtOnce(let code, let reason):
+                    logger.debug("upgraded only to close", metadata: ["fleetgate.code": "\(code)"])
                     connection.close(code: code, reason: reason)
                     await Self.drainUntilClosed(inbound, connection: connection)
+                    logger.debug("close-at-once: client answered or socket closed")
                     await connection.closeFrameWritten()
+                    logger.debug("close-at-once: done")
                     return
                 case .refuse:
                     return

@@ -6,6 +6,7 @@ import Logging
 import NIOCore
 import NIOWebSocket
 import Synchronization
+import Testing
 
 // MARK: - Tokens
 
@@ -320,8 +321,13 @@ final class HeldWebSocket: Sendable {
             }
             return frame.map { (UInt16(webSocketErrorCode: $0.closeCode), $0.reason ?? "") }
         }
-        var iterator = opened.makeAsyncIterator()
-        guard await iterator.next() != nil else {
+        let upgraded = try await withTimeout(.seconds(20), "the WebSocket upgrade did not complete") {
+            var iterator = opened.makeAsyncIterator()
+            return await iterator.next() != nil
+        } onTimeout: {
+            task.cancel()
+        }
+        guard upgraded else {
             // The connection ended before the upgrade: surface the client's error.
             _ = try await task.value
             throw RawSocket.Failure("the WebSocket connection ended before the upgrade completed")
@@ -340,14 +346,24 @@ final class HeldWebSocket: Sendable {
     /// Closes from the client side and waits for the end.
     func close() async {
         commands.yield(.close)
-        _ = try? await task.value
+        let task = task
+        do {
+            _ = try await withTimeout(.seconds(20), "the connection did not end after the client closed it") { try await task.value }
+        } catch {
+            task.cancel()
+            Issue.record("\(error)")
+        }
     }
 
     /// Waits (at most `timeout`) until the server closes the connection; returns its close code and reason (nil if
     /// there was none).
     func closedByServer(timeout: Duration = .seconds(20)) async throws -> (code: UInt16, reason: String)? {
         let task = task
-        return try await withTimeout(timeout, "the server did not close the connection") { try await task.value }
+        return try await withTimeout(timeout, "the server did not close the connection") {
+            try await task.value
+        } onTimeout: {
+            task.cancel()
+        }
     }
 
     /// The next text message, waiting at most `timeout`.
@@ -362,8 +378,14 @@ final class HeldWebSocket: Sendable {
     deinit { task.cancel() }
 }
 
-/// Runs `body`, failing with `what` if it takes longer than `timeout` (the body is cancelled).
-func withTimeout<T: Sendable>(_ timeout: Duration, _ what: String, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
+/// Runs `body`, failing with `what` if it takes longer than `timeout`: the body is cancelled, and `onTimeout` runs
+/// first so a body that awaits something cancellation cannot reach (an unstructured task's value) can be ended too.
+func withTimeout<T: Sendable>(
+    _ timeout: Duration,
+    _ what: String,
+    _ body: @escaping @Sendable () async throws -> T,
+    onTimeout: @escaping @Sendable () -> Void = {}
+) async throws -> T {
     try await withThrowingTaskGroup(of: T?.self) { group in
         group.addTask { try await body() }
         group.addTask {
@@ -372,6 +394,7 @@ func withTimeout<T: Sendable>(_ timeout: Duration, _ what: String, _ body: @esca
         }
         defer { group.cancelAll() }
         guard let first = try await group.next(), let value = first else {
+            onTimeout()
             throw RawSocket.Failure("\(what) within \(timeout)")
         }
         return value

@@ -37,13 +37,17 @@ struct Fleet: Sendable {
                         executable: executable,
                         arguments: [
                             "serve", "--port", "0", "--redis", server.url, "--key-prefix", prefix, "--node-name", "node-\(index)",
-                            "--jwt-secret", Tokens.secret, "--admin-token", adminToken, "--log-level", "notice",
+                            "--jwt-secret", Tokens.secret, "--admin-token", adminToken, "--log-level", "debug",
                         ] + arguments
                     ))
             }
             try await body(Fleet(nodes: nodes, redis: server, prefix: prefix))
         } catch {
-            for node in nodes { await node.kill() }
+            for node in nodes {
+                await node.kill()
+                // What the node said is the best clue to why the test failed.
+                print("--- \(node), last lines of stderr:\n\(node.standardError().split(separator: "\n").suffix(40).joined(separator: "\n"))")
+            }
             throw error
         }
         for node in nodes where !node.hasExited { await node.kill() }
