@@ -1,14 +1,47 @@
 import Foundation
 import Glibc
+import Synchronization
 
-/// Launching child processes so they behave like ones started from a shell.
-enum ChildProcess {
-    /// Runs `process` with an empty signal mask.
+/// Launching child processes so they behave like ones started from a shell, one at a time.
+///
+/// Every child of the test process must be launched here (``run(_:)``, ``runCapturingOutput(_:error:)``): Foundation's
+/// `Process.run()` on Linux is not safe against a concurrent launch. It lists the open descriptors (to close them in
+/// the child), then creates an inheritable socket pair (to learn of the child's exit), then spawns; a descriptor that
+/// another thread creates in between (the socket pair of a concurrent launch, a `Pipe`) leaks into the child. When that
+/// child lives long (the shared server lives as long as the test process), the other child's exit is never reported, so
+/// its ``ExitWatcher`` (`kill()`, `withServer`) waits forever, and a pipe never reaches EOF, so its reader waits
+/// forever. Measured with two threads launching long-lived children: 12 of 1,500 pipe reads waited for one of them.
+public enum ChildProcess {
+    /// Held around every launch, and around creating the pipes of one.
+    private static let launching = Mutex(())
+
+    /// Runs `process` with an empty signal mask, never concurrently with another launch.
     ///
     /// `posix_spawn` (used by `Process.run()`) hands the calling thread's signal mask to the child, and Swift
     /// concurrency / Dispatch worker threads block most signals. A `redis-server` spawned from such a thread would
     /// silently ignore SIGTERM forever, so the mask is cleared around the call and restored right after.
-    static func run(_ process: Process) throws {
+    public static func run(_ process: Process) throws {
+        try launching.withLock { _ in
+            try runWithEmptySignalMask(process)
+        }
+    }
+
+    /// Runs `process` (like ``run(_:)``) with new pipes as its standard output and, with `error`, its standard error,
+    /// and returns their read ends. The pipes are created under the launch lock, so no other child can inherit their
+    /// write ends (a reader would then wait for that child's exit too). Read them off the concurrency pool
+    /// (``BlockingWork``): reading to the end blocks until the child exits.
+    public static func runCapturingOutput(_ process: Process, error: Bool = true) throws -> (output: FileHandle, error: FileHandle?) {
+        try launching.withLock { _ in
+            let output = Pipe()
+            let errors = error ? Pipe() : nil
+            process.standardOutput = output
+            if let errors { process.standardError = errors }
+            try runWithEmptySignalMask(process)
+            return (output.fileHandleForReading, errors?.fileHandleForReading)
+        }
+    }
+
+    private static func runWithEmptySignalMask(_ process: Process) throws {
         var empty = sigset_t()
         sigemptyset(&empty)
         var saved = sigset_t()

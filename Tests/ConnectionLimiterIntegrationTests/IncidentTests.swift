@@ -4,7 +4,7 @@ import TestSupport
 import Testing
 
 /// The incident this project started from, and the limit under concurrency.
-@Suite("Admission against real Redis: the incident, the limit, concurrency")
+@Suite("Admission against real Redis: the incident, the limit, concurrency", .timeLimit(.minutes(2)))
 struct IncidentTests {
     @Test("20 zombies of three kinds never lock a user out: the 21st connection is admitted in under 1 s")
     func zombiesDoNotLockOut() async throws {

@@ -4,7 +4,7 @@ import RedisClient
 import TestSupport
 import Testing
 
-@Suite("Limits and policies")
+@Suite("Limits and policies", .timeLimit(.minutes(2)))
 struct PolicyTests {
     @Test("a Redis override wins over the default and the per-call limit; clearing it restores them")
     func overrides() async throws {
@@ -33,7 +33,7 @@ struct PolicyTests {
         let configuration = testConfiguration(limit: 2) { $0.policies.overflow = .evictOldest }
         let a = try await LimiterNode.start(server.url, configuration)
         let b = try await LimiterNode.start(server.url, configuration)
-        var events = a.limiter.events.makeAsyncIterator()
+        let events = LimiterEvents(a.limiter)
         try await a.limiter.mustAdmit("jack", "oldest")
         try await b.limiter.mustAdmit("jack", "middle")
         let admission = try await b.limiter.mustAdmit("jack", "newest")
@@ -168,7 +168,7 @@ struct PolicyTests {
             let peer = try await LimiterNode.start(server.url, configuration)
             try await isolated.limiter.mustAdmit("mia", "m1")
             try await peer.limiter.mustAdmit("mia", "m2")
-            var events = isolated.limiter.events.makeAsyncIterator()
+            let events = LimiterEvents(isolated.limiter)
             let clock = ContinuousClock()
             proxy.stall()
             let cut = clock.now
@@ -203,7 +203,7 @@ struct PolicyTests {
     }
 }
 
-@Suite("Operator inspection")
+@Suite("Operator inspection", .timeLimit(.minutes(2)))
 struct InspectionTests {
     @Test("entries, nodes and totals describe what is live; an operator kick closes the connection on its node")
     func inspection() async throws {
@@ -229,7 +229,7 @@ struct InspectionTests {
         #expect(nodes.allSatisfy { $0.isAlive && $0.name == "test" && $0.pid != nil })
         #expect(try await a.limiter.usersOverLimit().isEmpty)
 
-        var events = b.limiter.events.makeAsyncIterator()
+        let events = LimiterEvents(b.limiter)
         try await a.limiter.kick(user: "nora", node: b.limiter.nodeID, connection: "n2")
         var kicked: LimiterEvent?
         while let event = await events.next() {

@@ -90,6 +90,55 @@ extension ConnectionLimiter {
     }
 }
 
+/// A limiter's ``ConnectionLimiter/events`` whose every wait is bounded: an event that never comes (a kick published
+/// while its node re-subscribes, a lease Redis still held) fails the test after `timeout` instead of hanging the run.
+struct LimiterEvents: Sendable {
+    private enum Wait: Sendable {
+        case event(LimiterEvent?)
+        case timedOut
+        case cancelled
+    }
+
+    let stream: AsyncStream<LimiterEvent>
+    let timeout: Duration
+
+    /// The stream buffers every event since the limiter was created, so nothing is missed by starting to read late.
+    init(_ limiter: ConnectionLimiter, timeout: Duration = .seconds(30)) {
+        stream = limiter.events
+        self.timeout = timeout
+    }
+
+    /// The next event; nil when the limiter stopped, or (recording an issue) when none came within the timeout. A
+    /// timed-out wait finishes the stream (cancelling an `AsyncStream` iteration does), so later calls return nil.
+    func next(sourceLocation: SourceLocation = #_sourceLocation) async -> LimiterEvent? {
+        let (stream, timeout) = (stream, timeout)
+        return await withTaskGroup(of: Wait.self) { group in
+            group.addTask {
+                // One reader at a time: each call makes a fresh iterator over the same buffered stream.
+                var iterator = stream.makeAsyncIterator()
+                return .event(await iterator.next())
+            }
+            group.addTask {
+                guard (try? await Task.sleep(for: timeout)) != nil else { return .cancelled }
+                return .timedOut
+            }
+            defer { group.cancelAll() }
+            while let wait = await group.next() {
+                switch wait {
+                case .event(let event):
+                    return event
+                case .timedOut:
+                    Issue.record("no limiter event within \(timeout)", sourceLocation: sourceLocation)
+                    return nil
+                case .cancelled:
+                    continue
+                }
+            }
+            return nil
+        }
+    }
+}
+
 /// The key of a user's connection set for a test prefix (`t:abc:` → `t:abc:{u:alice}:conns`).
 func connsKey(_ configuration: LimiterConfiguration, _ user: String) -> String {
     "\(configuration.keyPrefix):{u:\(user)}:conns"

@@ -100,14 +100,16 @@ struct BenchAdmitTests {
                 "bench", "admit", "--url", server.url, "--clients", "2", "--pipeline", "4", "--requests", "2000", "--users", "500",
                 "--limit", "100", "--memory-users", "200", "--memory-connections-per-user", "2", "--renew-interval", "1",
             ]
-            let output = Pipe()
-            let errors = Pipe()
-            process.standardOutput = output
-            process.standardError = errors
-            try process.run()
-            let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-            let errorText = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-            process.waitUntilExit()
+            // Launched through TestSupport, so no other child of this test process can hold its pipes open.
+            let (output, errors) = try ChildProcess.runCapturingOutput(process)
+            // Off the concurrency pool: these block for the whole run, and a blocked cooperative thread is one of only
+            // as many as there are cores, shared by every test of this process.
+            let (text, errorText) = await BlockingWork.run {
+                let text = String(decoding: output.readDataToEndOfFile(), as: UTF8.self)
+                let errorText = String(decoding: errors?.readDataToEndOfFile() ?? Data(), as: UTF8.self)
+                process.waitUntilExit()
+                return (text, errorText)
+            }
             #expect(process.terminationStatus == 0, "\(text)\n\(errorText)")
             let lines = text.split(whereSeparator: \.isNewline).map { $0.trimmingCharacters(in: .whitespaces) }
 

@@ -54,11 +54,15 @@ struct BenchCommandTests {
             let process = Process()
             process.executableURL = binary
             process.arguments = ["bench", "redis", "--url", server.url, "--clients", "2", "--requests", "4000", "--pipeline", "4"]
-            let output = Pipe()
-            process.standardOutput = output
-            try process.run()
-            let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-            process.waitUntilExit()
+            // Launched through TestSupport, so no other child of this test process can hold its pipe open.
+            let (output, _) = try ChildProcess.runCapturingOutput(process, error: false)
+            // Off the concurrency pool: these block for the whole run, and a blocked cooperative thread is one of only
+            // as many as there are cores, shared by every test of this process.
+            let text = await BlockingWork.run {
+                let text = String(decoding: output.readDataToEndOfFile(), as: UTF8.self)
+                process.waitUntilExit()
+                return text
+            }
             #expect(process.terminationStatus == 0, "\(text)")
             let rows = text.split(whereSeparator: \.isNewline).filter { $0.hasPrefix("SET") || $0.hasPrefix("EVALSHA") }
             #expect(rows.count == 4, "\(text)")

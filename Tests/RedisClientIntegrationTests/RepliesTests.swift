@@ -2,7 +2,7 @@ import RedisClient
 import TestSupport
 import Testing
 
-@Suite("Replies against a real redis-server")
+@Suite("Replies against a real redis-server", .timeLimit(.minutes(2)))
 struct RepliesTests {
     @Test("bulk strings round-trip: empty, 1 MiB, binary with NUL, CRLF and invalid UTF-8")
     func bulkStrings() async throws {

@@ -4,7 +4,7 @@ import TestSupport
 import Testing
 
 /// Failure modes found in review: each one once made the client hang, storm or mix up replies.
-@Suite("Robustness: set-up failures, refused subscriptions, deep replies, leaks")
+@Suite("Robustness: set-up failures, refused subscriptions, deep replies, leaks", .timeLimit(.minutes(2)))
 struct RobustnessTests {
     @Test("a handshake that times out (stalled link) does not poison later connections")
     func handshakeTimeoutRecovers() async throws {

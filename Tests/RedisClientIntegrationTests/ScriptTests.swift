@@ -2,7 +2,7 @@ import RedisClient
 import TestSupport
 import Testing
 
-@Suite("Scripts")
+@Suite("Scripts", .timeLimit(.minutes(2)))
 struct ScriptTests {
     @Test("EVALSHA falls back to EVAL transparently after SCRIPT FLUSH (NOSCRIPT)")
     func noScriptFallback() async throws {

@@ -5,7 +5,7 @@ import Testing
 @testable import TestSupport
 
 /// Tests against real `redis-server` processes; each test owns its servers (except the `SharedRedisServer` tests).
-@Suite("RedisServer")
+@Suite("RedisServer", .timeLimit(.minutes(2)))
 struct RedisServerTests {
     @Test("start gives a running server that answers PING")
     func startAnswersPing() async throws {
@@ -261,7 +261,8 @@ private func isGone(_ pid: Int32) -> Bool {
 
 /// A socket listening on 127.0.0.1:`port` (with `SO_REUSEADDR`, like Redis), or nil if that failed.
 private func listeningSocket(port: Int) -> Int32? {
-    let descriptor = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    // Close-on-exec: a redis-server launched meanwhile must not keep listening on the port after close().
+    let descriptor = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
     guard descriptor >= 0 else { return nil }
     var one: Int32 = 1
     _ = setsockopt(descriptor, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))

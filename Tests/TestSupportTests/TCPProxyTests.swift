@@ -5,7 +5,7 @@ import Testing
 @testable import TestSupport
 
 /// Tests of ``TCPProxy`` in front of real `redis-server` processes, talking to the proxy with plain blocking sockets.
-@Suite("TCPProxy")
+@Suite("TCPProxy", .timeLimit(.minutes(2)))
 struct TCPProxyTests {
     @Test("PING through the proxy answers PONG, and large payloads pass unchanged both ways")
     func forwards() async throws {
