@@ -46,7 +46,11 @@ struct PolicyTests {
                 break
             }
         }
-        #expect(kicked == .kick(connection: "oldest", user: "jack", reason: .evicted))
+        // Usually the eviction's own kick; a lease renewal that runs first finds the entry gone and kicks it as lost
+        // (a race between the renewal and the control message). Either way the node is told to close it.
+        #expect(
+            kicked == .kick(connection: "oldest", user: "jack", reason: .evicted)
+                || kicked == .kick(connection: "oldest", user: "jack", reason: .lostAtRenewal), "\(String(describing: kicked))")
         let entries = try await a.limiter.entries(user: "jack").map(\.connection).sorted()
         #expect(entries == ["middle", "newest"])
         #expect(a.limiter.localConnectionCount == 0)

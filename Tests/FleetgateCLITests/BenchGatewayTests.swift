@@ -162,15 +162,9 @@ enum BenchBinary {
         process.arguments = arguments
         process.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: outputPath))
         process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: errorPath))
-        // The benchmark must see SIGINT: spawn it with an empty signal mask (concurrency threads block signals).
-        var empty = sigset_t()
-        sigemptyset(&empty)
-        var saved = sigset_t()
-        pthread_sigmask(SIG_SETMASK, &empty, &saved)
-        do {
-            defer { pthread_sigmask(SIG_SETMASK, &saved, nil) }
-            try process.run()
-        }
+        // Through TestSupport: one launch at a time (no descriptor leaks into other children) with an empty signal
+        // mask, so the benchmark sees SIGINT (concurrency threads block signals).
+        try ChildProcess.run(process)
         func read(_ path: String) -> String {
             FileManager.default.contents(atPath: path).map { String(decoding: $0, as: UTF8.self) } ?? ""
         }
@@ -182,7 +176,7 @@ enum BenchBinary {
             }
             try await Task.sleep(for: .milliseconds(20))
         }
-        process.waitUntilExit()
+        await BlockingWork.run { process.waitUntilExit() }
         return Run(status: process.terminationStatus, output: read(outputPath), errors: read(errorPath))
     }
 

@@ -84,24 +84,23 @@ struct ServeCommandTests {
     @Test("the binary: --help documents every option with its variable; a bad flag or no key stops with one line")
     func binary() async throws {
         let binary = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("fleetgate")
-        func run(_ arguments: [String]) throws -> (status: Int32, out: String, err: String) {
+        func run(_ arguments: [String]) async throws -> (status: Int32, out: String, err: String) {
             let process = Process()
             process.executableURL = binary
             process.arguments = arguments
             var environment = ProcessInfo.processInfo.environment
             environment["FLEETGATE_JWT_SECRET"] = nil
             process.environment = environment
-            let out = Pipe()
-            let err = Pipe()
-            process.standardOutput = out
-            process.standardError = err
-            try process.run()
-            let stdout = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-            let stderr = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-            process.waitUntilExit()
-            return (process.terminationStatus, stdout, stderr)
+            // One launch at a time through TestSupport; the blocking reads run off the concurrency pool.
+            let (out, err) = try ChildProcess.runCapturingOutput(process)
+            return await BlockingWork.run {
+                let stdout = String(decoding: out.readDataToEndOfFile(), as: UTF8.self)
+                let stderr = String(decoding: err?.readDataToEndOfFile() ?? Data(), as: UTF8.self)
+                process.waitUntilExit()
+                return (process.terminationStatus, stdout, stderr)
+            }
         }
-        let help = try run(["serve", "--help"])
+        let help = try await run(["serve", "--help"])
         #expect(help.status == 0)
         let mirror = Mirror(reflecting: try #require(try Fleetgate.parseAsRoot(["serve"]) as? Serve))
         for child in mirror.children {
@@ -112,12 +111,12 @@ struct ServeCommandTests {
         }
         #expect(help.out.contains("FLEETGATE_REDIS_URL") && help.out.contains("FLEETGATE_JWT_SECRET"))
 
-        let badFlag = try run(["serve", "--no-such-flag"])
+        let badFlag = try await run(["serve", "--no-such-flag"])
         #expect(badFlag.status != 0)
         #expect(badFlag.err.split(separator: "\n").count == 1, "\(badFlag.err)")
         #expect(badFlag.err.contains("--no-such-flag"))
 
-        let noKey = try run(["serve", "--port", "0"])
+        let noKey = try await run(["serve", "--port", "0"])
         #expect(noKey.status != 0)
         #expect(
             noKey.err
