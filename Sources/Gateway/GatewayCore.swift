@@ -140,8 +140,7 @@ final class GatewayCore: Sendable {
             case .close:
                 return .closeAtOnce(code: GatewayCloseCode.limitExceeded, reason: "connection limit exceeded (\(denial.count)/\(denial.limit))")
             case .http:
-                let milliseconds = max(
-                    0, Int(denial.retryAfter.components.seconds * 1000 + denial.retryAfter.components.attoseconds / 1_000_000_000_000_000))
+                let milliseconds = max(0, Gateway.milliseconds(denial.retryAfter))
                 return .refuse(
                     Refusal(
                         status: .tooManyRequests,
@@ -214,9 +213,7 @@ final class GatewayCore: Sendable {
                     logger.debug("upgraded only to close", metadata: ["fleetgate.code": "\(code)"])
                     connection.close(code: code, reason: reason)
                     await Self.drainUntilClosed(inbound, connection: connection)
-                    logger.debug("close-at-once: client answered or socket closed")
                     await connection.closeFrameWritten()
-                    logger.debug("close-at-once: done")
                     return
                 case .refuse:
                     return
@@ -295,7 +292,7 @@ final class GatewayCore: Sendable {
                     guard connection.closingCode == nil else { continue }
                     guard partial == nil else { return protocolError(connection, "a new message began before the last one ended") }
                     if frame.fin {
-                        guard await deliver(frame.opcode, frame.unmaskedData, connection: connection, queue: queue) else { return }
+                        await deliver(frame.opcode, frame.unmaskedData, connection: connection, queue: queue)
                     } else {
                         partial = (frame.opcode, frame.unmaskedData)
                     }
@@ -311,7 +308,7 @@ final class GatewayCore: Sendable {
                     message.data.writeBuffer(&data)
                     if frame.fin {
                         partial = nil
-                        guard await deliver(message.opcode, message.data, connection: connection, queue: queue) else { return }
+                        await deliver(message.opcode, message.data, connection: connection, queue: queue)
                     } else {
                         partial = message
                     }
@@ -328,18 +325,17 @@ final class GatewayCore: Sendable {
         connection.close(code: GatewayCloseCode.protocolError, reason: reason, waitForAnswer: false)
     }
 
-    /// Hands one message to the handler; false if the connection must stop reading.
-    private func deliver(_ opcode: WebSocketOpcode, _ data: ByteBuffer, connection: SessionConnection, queue: MessageQueue) async -> Bool {
+    /// Hands one message to the handler (invalid text starts the close instead).
+    private func deliver(_ opcode: WebSocketOpcode, _ data: ByteBuffer, connection: SessionConnection, queue: MessageQueue) async {
         if opcode == .text {
             guard let text = String(validating: data.readableBytesView, as: UTF8.self) else {
                 connection.close(code: GatewayCloseCode.invalidData, reason: "text message is not valid UTF-8")
-                return true
+                return
             }
             await queue.push(.text(text))
         } else {
             await queue.push(.binary(Array(data.readableBytesView)))
         }
-        return true
     }
 
     /// After a close-at-once, reads until the client answers the close (or the close timer closes the socket).

@@ -104,7 +104,7 @@ struct ServeSettings {
             return value
         }
         func text(_ flag: String?, _ variable: String) throws -> String? { try pick(flag, variable) { $0 } }
-        func int(_ flag: Int?, _ variable: String, _ name: String) throws -> Int? { try pick(flag, variable) { Int($0) } }
+        func int(_ flag: Int?, _ variable: String) throws -> Int? { try pick(flag, variable) { Int($0) } }
         func duration(_ flag: String?, _ variable: String, _ name: String) throws -> Duration? {
             guard let raw = try text(flag, variable) else { return nil }
             guard let value = Self.parseDuration(raw) else {
@@ -130,7 +130,7 @@ struct ServeSettings {
 
         limiter = LimiterConfiguration(nodeName: try text(serve.nodeName, "FLEETGATE_NODE_NAME") ?? LimiterConfiguration.hostName())
         if let value = try text(serve.host, "FLEETGATE_HOST") { gateway.host = value }
-        if let value = try int(serve.port, "FLEETGATE_PORT", "port") { gateway.port = value }
+        if let value = try int(serve.port, "FLEETGATE_PORT") { gateway.port = value }
         if let value = try text(serve.redis, "FLEETGATE_REDIS_URL") { redisURL = value }
         if let value = try text(serve.keyPrefix, "FLEETGATE_KEY_PREFIX") { limiter.keyPrefix = value }
 
@@ -150,7 +150,7 @@ struct ServeSettings {
         }
         if let value = try duration(serve.jwtLeeway, "FLEETGATE_JWT_LEEWAY", "jwt-leeway") { leeway = value }
 
-        if let value = try int(serve.defaultLimit, "FLEETGATE_DEFAULT_LIMIT", "default-limit") { limiter.defaultLimit = value }
+        if let value = try int(serve.defaultLimit, "FLEETGATE_DEFAULT_LIMIT") { limiter.defaultLimit = value }
         if let value = try choice(serve.denyMode, "FLEETGATE_DENY_MODE", "deny-mode", ["http": GatewayConfiguration.DenyMode.http, "close": .close]) {
             gateway.denyMode = value
         }
@@ -184,11 +184,11 @@ struct ServeSettings {
         if let value = try duration(serve.verifyTimeout, "FLEETGATE_VERIFY_TIMEOUT", "verify-timeout") { limiter.verifyTimeout = value }
 
         if let value = try duration(serve.pingInterval, "FLEETGATE_PING_INTERVAL", "ping-interval") { gateway.pingInterval = value }
-        if let value = try int(serve.missedPongs, "FLEETGATE_MISSED_PONGS", "missed-pongs") { gateway.missedPongLimit = value }
-        if let value = try int(serve.maxFrameSize, "FLEETGATE_MAX_FRAME_SIZE", "max-frame-size") { gateway.maxFrameSize = value }
-        if let value = try int(serve.maxMessageSize, "FLEETGATE_MAX_MESSAGE_SIZE", "max-message-size") { gateway.maxMessageSize = value }
+        if let value = try int(serve.missedPongs, "FLEETGATE_MISSED_PONGS") { gateway.missedPongLimit = value }
+        if let value = try int(serve.maxFrameSize, "FLEETGATE_MAX_FRAME_SIZE") { gateway.maxFrameSize = value }
+        if let value = try int(serve.maxMessageSize, "FLEETGATE_MAX_MESSAGE_SIZE") { gateway.maxMessageSize = value }
         if let value = try duration(serve.handshakeTimeout, "FLEETGATE_HANDSHAKE_TIMEOUT", "handshake-timeout") { gateway.handshakeTimeout = value }
-        if let value = try int(serve.maxConnections, "FLEETGATE_MAX_CONNECTIONS", "max-connections") { gateway.maxConnections = value }
+        if let value = try int(serve.maxConnections, "FLEETGATE_MAX_CONNECTIONS") { gateway.maxConnections = value }
         if let value = try duration(serve.drainTimeout, "FLEETGATE_DRAIN_TIMEOUT", "drain-timeout") { gateway.drainTimeout = value }
         if let value = try duration(serve.agentStep, "FLEETGATE_AGENT_STEP", "agent-step") { agentStep = value }
         gateway.adminToken = try text(serve.adminToken, "FLEETGATE_ADMIN_TOKEN").flatMap { $0.isEmpty ? nil : $0 }

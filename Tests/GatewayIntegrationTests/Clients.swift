@@ -6,6 +6,7 @@ import Logging
 import NIOCore
 import NIOWebSocket
 import Synchronization
+import TestSupport
 import Testing
 
 // MARK: - Tokens
@@ -123,7 +124,7 @@ final class RawSocket: Sendable {
     private init(descriptor: Int32) { self.descriptor = descriptor }
 
     static func connect(port: Int) async throws -> RawSocket {
-        let result: Result<Int32, Failure> = await onThread {
+        let result: Result<Int32, Failure> = await BlockingWork.run {
             let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
             guard fd >= 0 else { return .failure(Failure("socket() failed")) }
             var address = sockaddr_in()
@@ -154,7 +155,7 @@ final class RawSocket: Sendable {
     /// Up to 64 KiB; empty when the peer closed. Throws on timeout.
     func receive(timeout: Duration) async throws -> [UInt8] {
         let descriptor = descriptor
-        let result: Result<[UInt8], Failure> = await Self.onThread {
+        let result: Result<[UInt8], Failure> = await BlockingWork.run {
             var poller = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
             let milliseconds = Int32(timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
             guard poll(&poller, 1, milliseconds) > 0 else { return .failure(Failure("no data within \(timeout)")) }
@@ -167,12 +168,6 @@ final class RawSocket: Sendable {
     }
 
     func close() { Glibc.close(descriptor) }
-
-    static func onThread<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
-        await withCheckedContinuation { continuation in
-            Thread { continuation.resume(returning: body()) }.start()
-        }
-    }
 }
 
 /// A WebSocket client that completes the upgrade and then does only what the test says: it never answers pings

@@ -1,4 +1,5 @@
 import NIOHTTP1
+import TestSupport
 import Testing
 
 @testable import Gateway
@@ -38,7 +39,7 @@ struct GatewayUnitTests {
             queue.finish()
         }
         // The producer cannot run ahead by more than the capacity (+1 in hand).
-        #expect(await eventuallyTrue { queue.isProducerWaiting })
+        #expect(await eventually { queue.isProducerWaiting })
         var received: [String] = []
         while let message = await queue.next() {
             if case .text(let text) = message { received.append(text) }
@@ -57,15 +58,4 @@ struct GatewayUnitTests {
         configuration.missedPongLimit = 0
         #expect { try configuration.validate() } throws: { ($0 as? GatewayConfigurationError)?.message.contains("missed-pong") == true }
     }
-}
-
-/// Polls `condition` (no clock assertions: at most 5 s) — for states reached by another task.
-private func eventuallyTrue(_ condition: () -> Bool) async -> Bool {
-    let deadline = ContinuousClock.now + .seconds(5)
-    while ContinuousClock.now < deadline {
-        if condition() { return true }
-        await Task.yield()
-        try? await Task.sleep(for: .milliseconds(1))
-    }
-    return condition()
 }
