@@ -167,27 +167,44 @@ struct PolicyTests {
     func leaseLossFencing() async throws {
         try await RedisServer.withServer { server throws in
             let proxy = try await TCPProxy.start(upstreamPort: server.port)
-            let configuration = testConfiguration { $0.policies.onLeaseLoss = .close }
+            // The node fences one heartbeat interval before its lease can run out: 500 ms leaves a loaded machine
+            // room to deliver the event.
+            let configuration = testConfiguration {
+                $0.policies.onLeaseLoss = .close
+                $0.heartbeat.interval = .milliseconds(500)
+                $0.heartbeat.nodeTTL = .milliseconds(1500)
+            }
             let isolated = try await LimiterNode.start(proxy.url, configuration)
             let peer = try await LimiterNode.start(server.url, configuration)
             try await isolated.limiter.mustAdmit("mia", "m1")
             try await peer.limiter.mustAdmit("mia", "m2")
             let events = LimiterEvents(isolated.limiter)
+            let (registry, node) = ("\(configuration.keyPrefix):nodes", isolated.limiter.nodeID)
             let clock = ContinuousClock()
             proxy.stall()
             let cut = clock.now
             var fencedAfter: Duration?
+            var leaseLeft: Int64?
             var lost = false
             while let event = await events.next() {
-                if case .fenced = event { fencedAfter = cut.duration(to: clock.now) }
+                if case .fenced = event {
+                    fencedAfter = cut.duration(to: clock.now)
+                    let fencedAt = unixMilliseconds()
+                    // The lease is what Redis holds, not what this test's clock says: ask Redis (over the peer's
+                    // direct link) for the node's lease expiry, its score in the registry. Asked after the event, so
+                    // an expiry still ahead proves the fence came before the lease ran out.
+                    let reply = try await peer.client.send("ZSCORE", registry, node)
+                    if let expiresAt = reply.string.flatMap(Double.init) { leaseLeft = Int64(expiresAt) - fencedAt }
+                }
                 if case .leaseLost = event {
                     lost = true
                     break
                 }
             }
             let fenced = try #require(fencedAfter, "no fencing event")
-            print("fenced \(fenced) after the link was cut (node TTL \(configuration.heartbeat.nodeTTL))")
-            #expect(fenced < configuration.heartbeat.nodeTTL)
+            let left = try #require(leaseLeft, "the node was no longer in the registry when it fenced")
+            print("fenced \(fenced) after the link was cut, \(left) ms before its lease in Redis ran out (node TTL \(configuration.heartbeat.nodeTTL))")
+            #expect(left > 0, "fenced \(-left) ms after the node's lease had run out in Redis")
             #expect(lost)
             // A fenced node takes no new connections until it is registered again.
             let refused = await #expect(throws: LimiterError.self) { try await isolated.limiter.admit(user: "mia", connection: "m3") }
