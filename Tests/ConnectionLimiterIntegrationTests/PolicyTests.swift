@@ -203,7 +203,8 @@ struct PolicyTests {
             }
             let fenced = try #require(fencedAfter, "no fencing event")
             let left = try #require(leaseLeft, "the node was no longer in the registry when it fenced")
-            print("fenced \(fenced) after the link was cut, \(left) ms before its lease in Redis ran out (node TTL \(configuration.heartbeat.nodeTTL))")
+            let ttl = configuration.heartbeat.nodeTTL
+            print("fenced \(fenced) after the link was cut, \(left) ms before its lease in Redis ran out (node TTL \(ttl))")
             #expect(left > 0, "fenced \(-left) ms after the node's lease had run out in Redis")
             #expect(lost)
             // A fenced node takes no new connections until it is registered again.
