@@ -127,7 +127,7 @@ let package = Package(
         ),
         .testTarget(
             name: "ConnectionLimiterTests",
-            dependencies: ["ConnectionLimiter"],
+            dependencies: ["ConnectionLimiter", "TestSupport"],
             swiftSettings: swiftSettings
         ),
         .testTarget(

@@ -129,10 +129,8 @@ extension ConnectionLimiter {
     /// Right after start the node is not registered yet: an admission then waits for the first registration (at
     /// most `admissionTimeout`) instead of taking the Redis-down fallback, whose local count would not see other nodes.
     func waitForFirstRegistration() async {
-        let deadline = clock.now + configuration.admissionTimeout
-        while state.withLock({ $0.running && !$0.everRegistered }), clock.now < deadline, !Task.isCancelled {
-            try? await Task.sleep(for: .milliseconds(5))
-        }
+        guard state.withLock({ $0.running && !$0.everRegistered }) else { return }
+        await firstRegistration.wait(timeout: configuration.admissionTimeout)
     }
 
     /// Errors that mean "Redis cannot answer now" (the `onRedisDown` policy applies), as opposed to cancellation or

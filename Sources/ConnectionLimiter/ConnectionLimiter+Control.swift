@@ -16,15 +16,17 @@ extension ConnectionLimiter {
                 guard await pause(configuration.heartbeat.interval) else { return }
                 continue
             }
-            let stale = state.withLock { state -> Bool in
+            let (stale, ready) = state.withLock { state -> (Bool, Bool) in
                 state.subscription = subscription
                 state.listeningAs = node
-                return state.node != node
+                return (state.node != node, state.node == node && state.registered)
             }
             if stale {
                 subscription.unsubscribe()
                 continue
             }
+            // Registration and subscription can finish in either order; whichever comes second opens the latch.
+            if ready { firstReady.open() }
             await withTaskCancellationHandler {
                 for await message in subscription {
                     await handleControl(message.string, node: node)

@@ -35,7 +35,7 @@ extension ConnectionLimiter {
         }
         // A fresh or restarted Redis has no scripts cached: load them all now rather than one NOSCRIPT at a time.
         try? await redis.load(scripts)
-        let (previous, staleSubscription) = state.withLock { state -> (String, RedisSubscription?) in
+        let (previous, staleSubscription, ready) = state.withLock { state -> (String, RedisSubscription?, Bool) in
             let previous = state.node
             if state.registered, previous != node {
                 state.previousIncarnations = Array((state.previousIncarnations + [previous]).suffix(8))
@@ -47,10 +47,13 @@ extension ConnectionLimiter {
             state.fenced = false
             state.leaseDeadline = sent + configuration.heartbeat.nodeTTL
             state.deadNodes.formUnion(reply.strings(from: 2))
-            return (previous, state.listeningAs == node ? nil : state.subscription)
+            let listening = state.listeningAs == node
+            return (previous, listening ? nil : state.subscription, listening)
         }
         // The control loop moves to the new incarnation's channel when the old subscription ends.
         staleSubscription?.unsubscribe()
+        firstRegistration.open()
+        if ready { firstReady.open() }
         nodeLogger(node).info("node registered", metadata: ["fleetgate.previous-node": "\(previous)", "fleetgate.name": "\(configuration.nodeName)"])
     }
 

@@ -78,6 +78,10 @@ public final class ConnectionLimiter: Service, Sendable {
     let metrics: LimiterMetrics
     let state: Mutex<State>
     let clock = ContinuousClock()
+    /// Opens at the first registration (or when ``run()`` ends): admissions right after start wait for it.
+    let firstRegistration = Latch()
+    /// Opens once the node is first registered and listening on its control channel (or when ``run()`` ends).
+    let firstReady = Latch()
     private let eventStream: AsyncStream<LimiterEvent>
     let eventContinuation: AsyncStream<LimiterEvent>.Continuation
 
@@ -102,6 +106,16 @@ public final class ConnectionLimiter: Service, Sendable {
     /// readiness checks: only then can other nodes ask it to verify or close connections).
     public var isRegistered: Bool {
         state.withLock { $0.registered && !$0.leaseLost && $0.listeningAs == $0.node }
+    }
+
+    /// Waits until the node is first registered and listening on its control channel (see ``isRegistered``), at
+    /// most `timeout`; returns at once when ``run()`` has ended. For a gateway that announces itself only once it can
+    /// admit for real.
+    /// - Returns: whether the node is registered now.
+    @discardableResult
+    public func waitUntilRegistered(timeout: Duration) async -> Bool {
+        await firstReady.wait(timeout: timeout)
+        return isRegistered
     }
 
     /// Connections open on this node.
@@ -148,6 +162,8 @@ public final class ConnectionLimiter: Service, Sendable {
         let graceful = state.withLock { $0.stopRequested }
         if graceful && !Task.isCancelled { await drain() }
         state.withLock { $0.running = false }
+        firstRegistration.open()
+        firstReady.open()
         eventContinuation.finish()
     }
 

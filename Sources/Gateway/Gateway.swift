@@ -78,12 +78,7 @@ public final class Gateway: Service, Sendable {
             onServerRunning: { channel in
                 // Announce the node once it can admit for real (registered in Redis), or after 5 s regardless: with
                 // Redis down from the start, the onRedisDown policy applies and the node still serves.
-                if let limiter = core.limiter {
-                    let deadline = ContinuousClock.now + .seconds(5)
-                    while !limiter.isRegistered, ContinuousClock.now < deadline {
-                        try? await Task.sleep(for: .milliseconds(10))
-                    }
-                }
+                await core.limiter?.waitUntilRegistered(timeout: .seconds(5))
                 await onListening(channel.localAddress?.port ?? 0)
             },
             logger: logger

@@ -36,6 +36,8 @@ final class GatewayCore: Sendable {
     let logger: Logger
     let metrics: GatewayMetrics
     let state = NIOLockedValueBox(State())
+    /// Opens once a drain has begun and no connection is left.
+    let drained = Latch()
 
     init(
         configuration: GatewayConfiguration,
@@ -113,7 +115,7 @@ final class GatewayCore: Sendable {
         do {
             decision = try await limiter.admit(user: identity.user, connection: id, limit: identity.connectionLimit)
         } catch {
-            state.withLockedValue { _ = $0.entries.removeValue(forKey: id) }
+            removeEntry(id)
             return refusal(for: error, user: identity.user)
         }
         switch decision {
@@ -131,7 +133,7 @@ final class GatewayCore: Sendable {
             metrics.upgrades(.accepted)
             return .accept(AdmittedConnection(id: id, user: identity.user))
         case .denied(let denial):
-            state.withLockedValue { _ = $0.entries.removeValue(forKey: id) }
+            removeEntry(id)
             metrics.upgrades(.denied)
             logger.info(
                 "connection limit exceeded",
@@ -189,9 +191,19 @@ final class GatewayCore: Sendable {
         }
     }
 
+    /// Forgets a connection; the last one to go during a drain opens ``drained``.
+    @discardableResult
+    private func removeEntry(_ id: String) -> Entry? {
+        let (entry, empty) = state.withLockedValue { state in
+            (state.entries.removeValue(forKey: id), state.draining && state.entries.isEmpty)
+        }
+        if empty { drained.open() }
+        return entry
+    }
+
     /// The end of a connection, whatever ended it: forget it and release its admission.
     private func connectionClosed(_ id: String) {
-        let entry = state.withLockedValue { $0.entries.removeValue(forKey: id) }
+        let entry = removeEntry(id)
         if let entry, entry.admitted, let limiter {
             Task { await limiter.release(connection: id) }
         }
@@ -420,13 +432,14 @@ final class GatewayCore: Sendable {
 
     /// Stops accepting and closes every connection with 1001; ``waitUntilDrained()`` waits for them.
     func beginDrain() {
-        let first = state.withLockedValue { state -> Bool in
-            guard !state.draining else { return false }
+        let (first, empty) = state.withLockedValue { state -> (Bool, Bool) in
+            guard !state.draining else { return (false, false) }
             state.draining = true
             state.drainDeadline = ContinuousClock.now + configuration.drainTimeout
-            return true
+            return (true, state.entries.isEmpty)
         }
         guard first else { return }
+        if empty { drained.open() }
         logger.info("draining: closing every connection", metadata: ["fleetgate.open": "\(connectionCount)"])
         closeAll(code: GatewayCloseCode.goingAway, reason: "node shutting down")
     }
@@ -436,9 +449,7 @@ final class GatewayCore: Sendable {
     func waitUntilDrained() async -> Int {
         guard let deadline = state.withLockedValue({ $0.drainDeadline }) else { return connectionCount }
         // Each connection ends by itself once its client answers the close frame (or the close timeout passes).
-        while connectionCount > 0, ContinuousClock.now < deadline {
-            try? await Task.sleep(for: .milliseconds(20))
-        }
+        await drained.wait(timeout: ContinuousClock.now.duration(to: deadline))
         return connectionCount
     }
 

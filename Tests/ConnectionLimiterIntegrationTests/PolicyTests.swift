@@ -168,11 +168,12 @@ struct PolicyTests {
         try await RedisServer.withServer { server throws in
             let proxy = try await TCPProxy.start(upstreamPort: server.port)
             // The node fences one heartbeat interval before its lease can run out: 500 ms leaves a loaded machine
-            // room to deliver the event.
+            // room to deliver the event, and a 2.5 s TTL keeps a heartbeat delayed by the load (the whole suite runs
+            // at once on two cores) from fencing the node before the link is cut.
             let configuration = testConfiguration {
                 $0.policies.onLeaseLoss = .close
                 $0.heartbeat.interval = .milliseconds(500)
-                $0.heartbeat.nodeTTL = .milliseconds(1500)
+                $0.heartbeat.nodeTTL = .milliseconds(2500)
             }
             let isolated = try await LimiterNode.start(proxy.url, configuration)
             let peer = try await LimiterNode.start(server.url, configuration)

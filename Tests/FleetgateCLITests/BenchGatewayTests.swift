@@ -112,9 +112,10 @@ struct BenchGatewayTests {
             #expect((numbers(summary).first ?? 0) > 0, "no ratio in:\n\(run.output)")
             #expect(run.output.contains("(median of 2 rounds; goal >= 0.90)"), "\(run.output)")
             #expect(run.output.contains("every connection entry released"), "\(run.output)")
-            // Admission and release are one EVALSHA each; the node's heartbeats add a few more.
+            // Admission and release are one EVALSHA each; the node's heartbeats add a few more. A release runs after its
+            // socket closed, so up to one per concurrent task (8 of 100 cycles) can land after a round's last snapshot.
             let evalsha = run.output.components(separatedBy: "evalsha ").dropFirst().first?.split(separator: ",").first.flatMap { Double($0) }
-            #expect((2.0..<2.2).contains(evalsha ?? 0), "the limiter node did not run admit + release per cycle:\n\(run.output)")
+            #expect((1.92..<2.2).contains(evalsha ?? 0), "the limiter node did not run admit + release per cycle:\n\(run.output)")
             #expect(!run.output.contains("failed cycles"), "\(run.output)")
             #expect(try await server.cli("DBSIZE") == "0")
             #expect(BenchBinary.processes(mentioning: try #require(run.prefix)).isEmpty, "a gateway node outlived the benchmark")
