@@ -54,34 +54,13 @@ public final class GatewayProcess: Sendable, CustomStringConvertible {
         "gateway node \(nodeName) at \(host):\(port) (pid \(pid))"
     }
 
-    private let child: Child
+    private let child: LaunchedChild
     private let state: Mutex<State>
 
     /// The mutable part.
     private struct State {
         /// Whether we sent SIGSTOP and no SIGCONT since.
         var stopped = false
-    }
-
-    /// A launched (not necessarily listening) process.
-    private struct Child: Sendable {
-        /// Kept so Foundation keeps monitoring the child; signals are sent by pid.
-        let process: Process
-        let watcher: ExitWatcher
-
-        var pid: Int32 {
-            process.processIdentifier
-        }
-
-        /// SIGKILLs the process unless it has already exited (with SIGCONT in case it is stopped), and waits until it
-        /// is gone.
-        func kill() async {
-            if !watcher.hasExited {
-                _ = Glibc.kill(pid, SIGKILL)
-                _ = Glibc.kill(pid, SIGCONT)
-            }
-            await watcher.wait()
-        }
     }
 
     /// What the "listening on" line says.
@@ -102,7 +81,7 @@ public final class GatewayProcess: Sendable, CustomStringConvertible {
     /// How often startup and ``waitForOutput(containing:timeout:)`` look at the output files.
     private static let pollInterval = Duration.milliseconds(20)
 
-    private init(listening: ListeningLine, directory: String, child: Child) {
+    private init(listening: ListeningLine, directory: String, child: LaunchedChild) {
         self.host = listening.host
         self.port = listening.port
         self.nodeName = listening.nodeName
@@ -112,17 +91,7 @@ public final class GatewayProcess: Sendable, CustomStringConvertible {
     }
 
     deinit {
-        if !child.watcher.hasExited {
-            _ = Glibc.kill(child.pid, SIGKILL)
-            _ = Glibc.kill(child.pid, SIGCONT)
-        }
-        // deinit cannot await; give the kernel a moment (normally well under 1 ms) so the directory is not removed
-        // while the dying process still has files open in it.
-        var spins = 0
-        while !child.watcher.hasExited, spins < 200 {
-            usleep(500)
-            spins += 1
-        }
+        child.killBlocking()
         try? FileManager.default.removeItem(atPath: directory)
     }
 
@@ -146,9 +115,11 @@ public final class GatewayProcess: Sendable, CustomStringConvertible {
         startupTimeout: Duration = .seconds(30)
     ) async throws -> GatewayProcess {
         let directory = try ProcessWatchdog.makeTemporaryDirectory(template: try ProcessWatchdog.rootDirectory() + "/gateway-XXXXXX")
-        let child: Child
+        let child: LaunchedChild
         do {
-            child = try launch(executable, arguments: arguments, environment: environment, directory: directory)
+            child = try LaunchedChild.launch(
+                executable, arguments: arguments, environment: environment, standardOutput: directory + "/" + outputFileName,
+                standardError: directory + "/" + errorFileName, purpose: "for a gateway node")
         } catch {
             try? FileManager.default.removeItem(atPath: directory)
             throw error
@@ -216,7 +187,7 @@ public final class GatewayProcess: Sendable, CustomStringConvertible {
             return signal == SIGSTOP
         }
         if stopping {
-            Self.waitUntilStopped(child.pid)
+            LaunchedChild.waitUntilStopped(child.pid)
         }
     }
 
@@ -267,12 +238,12 @@ public final class GatewayProcess: Sendable, CustomStringConvertible {
 
     /// Everything the process has written to stdout so far.
     public func standardOutput() -> String {
-        Self.readText(directory + "/" + Self.outputFileName)
+        LaunchedChild.readText(directory + "/" + Self.outputFileName)
     }
 
     /// Everything the process has written to stderr (its log) so far.
     public func standardError() -> String {
-        Self.readText(directory + "/" + Self.errorFileName)
+        LaunchedChild.readText(directory + "/" + Self.errorFileName)
     }
 
     /// Polls stderr and stdout every 20 ms until one of them contains `text`.
@@ -299,48 +270,16 @@ public final class GatewayProcess: Sendable, CustomStringConvertible {
 
     // MARK: - Internals
 
-    private static func launch(_ executable: URL, arguments: [String], environment: [String: String], directory: String) throws -> Child {
-        var mergedEnvironment = ProcessInfo.processInfo.environment
-        for (name, value) in environment {
-            mergedEnvironment[name] = value.isEmpty ? nil : value
-        }
-        let process = Process()
-        process.executableURL = executable
-        process.arguments = arguments
-        process.environment = mergedEnvironment
-        process.standardInput = FileHandle.nullDevice
-        let output = try openForAppending(directory + "/" + outputFileName)
-        let errorOutput: FileHandle
-        do {
-            errorOutput = try openForAppending(directory + "/" + errorFileName)
-        } catch {
-            try? output.close()
-            throw error
-        }
-        process.standardOutput = output
-        process.standardError = errorOutput
-        let watcher = ExitWatcher.attached(to: process)
-        do {
-            try ChildProcess.run(process)
-        } catch {
-            try? output.close()
-            try? errorOutput.close()
-            throw TestSupportError("could not launch \(executable.path) for a gateway node: \(error)")
-        }
-        try? output.close()
-        try? errorOutput.close()
-        watcher.registerWithWatchdog(pid: process.processIdentifier)
-        return Child(process: process, watcher: watcher)
-    }
-
     /// Polls stdout until the "listening on" line is complete.
-    private static func waitUntilListening(_ child: Child, command: String, directory: String, timeout: Duration) async throws -> ListeningLine {
+    private static func waitUntilListening(
+        _ child: LaunchedChild, command: String, directory: String, timeout: Duration
+    ) async throws -> ListeningLine {
         let deadline = ContinuousClock.now + timeout
         while true {
             // Read the exit state first: a line written just before exiting is then still seen.
             let termination = child.watcher.termination
             do {
-                if let listening = try parseListeningLine(readText(directory + "/" + outputFileName)) {
+                if let listening = try parseListeningLine(LaunchedChild.readText(directory + "/" + outputFileName)) {
                     return listening
                 }
             } catch let error as TestSupportError {
@@ -386,34 +325,6 @@ public final class GatewayProcess: Sendable, CustomStringConvertible {
         termination.signaled ? 128 + termination.status : termination.status
     }
 
-    /// Blocks (at most ~100 ms) until `/proc/<pid>/stat` reports the process as stopped.
-    private static func waitUntilStopped(_ pid: Int32) {
-        let path = "/proc/\(pid)/stat"
-        for _ in 0..<200 {
-            guard let stat = try? String(contentsOfFile: path, encoding: .utf8),
-                let closingParen = stat.lastIndex(of: ")")
-            else { return }
-            let fields = stat[stat.index(after: closingParen)...].split(separator: " ")
-            if let processState = fields.first, processState == "T" || processState == "t" {
-                return
-            }
-            usleep(500)
-        }
-    }
-
-    private static func openForAppending(_ path: String) throws -> FileHandle {
-        let descriptor = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
-        guard descriptor >= 0 else {
-            throw TestSupportError("cannot open \(path): \(Sockets.errnoDescription())")
-        }
-        return FileHandle(fileDescriptor: descriptor, closeOnDealloc: true)
-    }
-
-    private static func readText(_ path: String) -> String {
-        guard let data = FileManager.default.contents(atPath: path) else { return "" }
-        return String(decoding: data, as: UTF8.self)
-    }
-
     /// The tail of this node's stderr and stdout, for error messages.
     private func diagnostics() -> String {
         Self.diagnostics(directory: directory)
@@ -422,7 +333,7 @@ public final class GatewayProcess: Sendable, CustomStringConvertible {
     /// The tail of stderr and stdout in `directory`, for error messages.
     private static func diagnostics(directory: String) -> String {
         func tail(_ name: String, _ label: String) -> String? {
-            let lines = readText(directory + "/" + name).split(separator: "\n", omittingEmptySubsequences: false)
+            let lines = LaunchedChild.readText(directory + "/" + name).split(separator: "\n", omittingEmptySubsequences: false)
             let trimmed = lines.suffix(linesInErrors + 1).joined(separator: "\n").trimmingCharacters(in: .whitespacesAndNewlines)
             return trimmed.isEmpty ? nil : "--- last lines of \(label) ---\n\(trimmed)"
         }

@@ -80,24 +80,6 @@ public final class RedisServer: Sendable {
         var paused = false
     }
 
-    /// A launched (not necessarily ready) `redis-server`.
-    private struct Launch: Sendable {
-        let process: Process
-        let watcher: ExitWatcher
-
-        var pid: Int32 {
-            process.processIdentifier
-        }
-
-        /// SIGKILLs the process unless it has already exited, and waits until it is gone.
-        func kill() async {
-            if !watcher.hasExited {
-                _ = Glibc.kill(pid, SIGKILL)
-            }
-            await watcher.wait()
-        }
-    }
-
     /// Why a launch failed in a way the caller may retry.
     private enum LaunchFailure: Error {
         /// `redis-server` exited because its port (or cluster bus port) was taken; carries the error message to use
@@ -112,7 +94,7 @@ public final class RedisServer: Sendable {
     /// How many log lines error messages quote.
     private static let logLinesInErrors = 20
 
-    private init(port: Int, directory: String, options: Options, launch: Launch) {
+    private init(port: Int, directory: String, options: Options, launch: LaunchedChild) {
         self.host = Sockets.loopbackHost
         self.port = port
         self.directory = directory
@@ -268,7 +250,7 @@ public final class RedisServer: Sendable {
             return running.pid
         }
         if let pid {
-            Self.waitUntilStopped(pid)
+            LaunchedChild.waitUntilStopped(pid)
         }
     }
 
@@ -337,31 +319,17 @@ public final class RedisServer: Sendable {
         }
         let command = "redis-cli " + arguments.joined(separator: " ")
 
-        let process = Process()
-        process.executableURL = executable
-        process.arguments = ["-h", host, "-p", String(port)] + arguments
-        process.standardInput = FileHandle.nullDevice
-        let output = try Self.openForAppending(outputPath)
-        let errorOutput = try Self.openForAppending(errorPath)
-        process.standardOutput = output
-        process.standardError = errorOutput
-        let watcher = ExitWatcher.attached(to: process)
-        do {
-            try ChildProcess.run(process)
-        } catch {
-            try? output.close()
-            try? errorOutput.close()
-            throw TestSupportError("could not launch \(executable.path) for \(address): \(error)")
-        }
-        try? output.close()
-        try? errorOutput.close()
+        let child = try LaunchedChild.launch(
+            executable, arguments: ["-h", host, "-p", String(port)] + arguments, standardOutput: outputPath, standardError: errorPath,
+            purpose: "for \(address)", watchdog: false)
+        let watcher = child.watcher
 
         if await !watcher.wait(timeout: .seconds(10)) {
-            await Launch(process: process, watcher: watcher).kill()
+            await child.kill()
             throw TestSupportError("`\(command)` against \(address) did not finish within 10 s (is the server paused?); killed it")
         }
-        let stdout = Self.readText(outputPath)
-        let stderr = Self.readText(errorPath).trimmingCharacters(in: .whitespacesAndNewlines)
+        let stdout = LaunchedChild.readText(outputPath)
+        let stderr = LaunchedChild.readText(errorPath).trimmingCharacters(in: .whitespacesAndNewlines)
         if let termination = watcher.termination, termination.signaled || termination.status != 0 {
             var message = "`\(command)` against \(address) failed (\(termination))"
             message += stderr.isEmpty ? "" : ": \(stderr)"
@@ -387,7 +355,7 @@ public final class RedisServer: Sendable {
         port: Int,
         directory: String,
         options: Options
-    ) async throws -> Launch {
+    ) async throws -> LaunchedChild {
         let launch = try self.launch(executable, port: port, directory: directory, options: options)
         do {
             try await waitUntilReady(launch, port: port, directory: directory)
@@ -398,7 +366,7 @@ public final class RedisServer: Sendable {
         }
     }
 
-    private static func launch(_ executable: URL, port: Int, directory: String, options: Options) throws -> Launch {
+    private static func launch(_ executable: URL, port: Int, directory: String, options: Options) throws -> LaunchedChild {
         var arguments = [
             "--port", String(port),
             "--bind", Sockets.loopbackHost,
@@ -413,29 +381,14 @@ public final class RedisServer: Sendable {
         arguments += ["--daemonize", "no"]
         arguments += options.extraArguments
 
-        let process = Process()
-        process.executableURL = executable
-        process.arguments = arguments
-        process.currentDirectoryURL = URL(fileURLWithPath: directory, isDirectory: true)
-        process.standardInput = FileHandle.nullDevice
-        let output = try openForAppending(directory + "/" + outputFileName)
-        process.standardOutput = output
-        process.standardError = output
-        let watcher = ExitWatcher.attached(to: process)
-        do {
-            try ChildProcess.run(process)
-        } catch {
-            try? output.close()
-            throw TestSupportError("could not launch \(executable.path) for \(Sockets.loopbackHost):\(port): \(error)")
-        }
-        try? output.close()
-        watcher.registerWithWatchdog(pid: process.processIdentifier)
-        return Launch(process: process, watcher: watcher)
+        return try LaunchedChild.launch(
+            executable, arguments: arguments, workingDirectory: directory, standardOutput: directory + "/" + outputFileName,
+            purpose: "for \(Sockets.loopbackHost):\(port)")
     }
 
     /// Polls every 15 ms until the server answers PING (`+PONG`, or `-NOAUTH` for servers with a password) *and* its
     /// log says this very process is ready (so a foreign server that happens to hold the port cannot fool us).
-    private static func waitUntilReady(_ launch: Launch, port: Int, directory: String) async throws {
+    private static func waitUntilReady(_ launch: LaunchedChild, port: Int, directory: String) async throws {
         let address = "\(Sockets.loopbackHost):\(port)"
         let pid = launch.pid
         let deadline = ContinuousClock.now + .seconds(10)
@@ -490,21 +443,6 @@ public final class RedisServer: Sendable {
         }
     }
 
-    /// Blocks (at most ~100 ms) until `/proc/<pid>/stat` reports the process as stopped.
-    private static func waitUntilStopped(_ pid: Int32) {
-        let path = "/proc/\(pid)/stat"
-        for _ in 0..<200 {
-            guard let stat = try? String(contentsOfFile: path, encoding: .utf8),
-                let closingParen = stat.lastIndex(of: ")")
-            else { return }
-            let fields = stat[stat.index(after: closingParen)...].split(separator: " ")
-            if let processState = fields.first, processState == "T" || processState == "t" {
-                return
-            }
-            usleep(500)
-        }
-    }
-
     /// Finds `name` in a `PATH` directory.
     static func locateExecutable(_ name: String, package: String) throws -> URL {
         let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/local/bin:/usr/bin:/bin"
@@ -517,29 +455,16 @@ public final class RedisServer: Sendable {
         throw TestSupportError("\(name) not found on PATH; run scripts/test, which installs it (apt-get install \(package))")
     }
 
-    private static func openForAppending(_ path: String) throws -> FileHandle {
-        let descriptor = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
-        guard descriptor >= 0 else {
-            throw TestSupportError("cannot open \(path): \(Sockets.errnoDescription())")
-        }
-        return FileHandle(fileDescriptor: descriptor, closeOnDealloc: true)
-    }
-
-    private static func readText(_ path: String) -> String {
-        guard let data = FileManager.default.contents(atPath: path) else { return "" }
-        return String(decoding: data, as: UTF8.self)
-    }
-
     /// The lines of `redis.log` written by process `pid`.
     private static func logLines(directory: String, pid: Int32) -> [Substring] {
         let prefix = "\(pid):"
-        return readText(directory + "/" + logFileName).split(separator: "\n").filter { $0.hasPrefix(prefix) }
+        return LaunchedChild.readText(directory + "/" + logFileName).split(separator: "\n").filter { $0.hasPrefix(prefix) }
     }
 
     /// The tail of `redis.log` and of the server's stdout/stderr, for error messages.
     private static func diagnostics(directory: String) -> String {
         func tail(_ name: String) -> String? {
-            let lines = readText(directory + "/" + name).split(separator: "\n", omittingEmptySubsequences: false)
+            let lines = LaunchedChild.readText(directory + "/" + name).split(separator: "\n", omittingEmptySubsequences: false)
             let trimmed = lines.suffix(logLinesInErrors + 1).joined(separator: "\n").trimmingCharacters(in: .whitespacesAndNewlines)
             return trimmed.isEmpty ? nil : "--- last lines of \(directory)/\(name) ---\n\(trimmed)"
         }

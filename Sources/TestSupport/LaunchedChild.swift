@@ -1,0 +1,132 @@
+import Foundation
+import Glibc
+
+/// A child process launched through ``ChildProcess`` with its output going to files and its exit watched: the part
+/// `RedisServer` (redis-server, redis-cli) and `GatewayProcess` share.
+struct LaunchedChild: Sendable {
+    /// Kept so Foundation keeps monitoring the child; signals are sent by pid.
+    let process: Process
+    let watcher: ExitWatcher
+
+    var pid: Int32 {
+        process.processIdentifier
+    }
+
+    /// Launches `executable`.
+    ///
+    /// - Parameters:
+    ///   - environment: changes to this process's environment for the child: entries here win, and an entry with an
+    ///     empty value removes the variable.
+    ///   - workingDirectory: the child's working directory (default: this process's).
+    ///   - standardOutput: the file stdout is appended to; `standardError` defaults to the same file.
+    ///   - purpose: what the child is for, in the error message ("for a gateway node", "for 127.0.0.1:6379").
+    ///   - watchdog: whether the watchdog helper SIGKILLs the child if the test process dies first.
+    /// - Throws: ``TestSupportError`` if an output file cannot be opened or the process cannot be launched.
+    static func launch(
+        _ executable: URL,
+        arguments: [String],
+        environment: [String: String] = [:],
+        workingDirectory: String? = nil,
+        standardOutput: String,
+        standardError: String? = nil,
+        purpose: String,
+        watchdog: Bool = true
+    ) throws -> LaunchedChild {
+        let process = Process()
+        process.executableURL = executable
+        process.arguments = arguments
+        if !environment.isEmpty {
+            var merged = ProcessInfo.processInfo.environment
+            for (name, value) in environment {
+                merged[name] = value.isEmpty ? nil : value
+            }
+            process.environment = merged
+        }
+        if let workingDirectory {
+            process.currentDirectoryURL = URL(fileURLWithPath: workingDirectory, isDirectory: true)
+        }
+        process.standardInput = FileHandle.nullDevice
+        let output = try openForAppending(standardOutput)
+        var errorOutput = output
+        if let standardError, standardError != standardOutput {
+            do {
+                errorOutput = try openForAppending(standardError)
+            } catch {
+                try? output.close()
+                throw error
+            }
+        }
+        process.standardOutput = output
+        process.standardError = errorOutput
+        // The child has its own copies of the descriptors once launched (or none if the launch failed).
+        defer {
+            try? output.close()
+            if errorOutput !== output { try? errorOutput.close() }
+        }
+        let watcher = ExitWatcher.attached(to: process)
+        do {
+            try ChildProcess.run(process)
+        } catch {
+            throw TestSupportError("could not launch \(executable.path) \(purpose): \(error)")
+        }
+        if watchdog {
+            watcher.registerWithWatchdog(pid: process.processIdentifier)
+        }
+        return LaunchedChild(process: process, watcher: watcher)
+    }
+
+    /// SIGKILLs the process unless it has already exited (with SIGCONT in case it is stopped), and waits until it is
+    /// gone.
+    func kill() async {
+        sendKill()
+        await watcher.wait()
+    }
+
+    /// For `deinit`, which cannot await: SIGKILL, then give the kernel a moment (normally well under 1 ms, at most
+    /// 100 ms) so a directory is not removed while the dying process still has files open in it.
+    func killBlocking() {
+        sendKill()
+        var spins = 0
+        while !watcher.hasExited, spins < 200 {
+            usleep(500)
+            spins += 1
+        }
+    }
+
+    private func sendKill() {
+        if !watcher.hasExited {
+            _ = Glibc.kill(pid, SIGKILL)
+            _ = Glibc.kill(pid, SIGCONT)
+        }
+    }
+
+    /// Blocks (at most ~100 ms) until `/proc/<pid>/stat` reports the process as stopped.
+    static func waitUntilStopped(_ pid: Int32) {
+        let path = "/proc/\(pid)/stat"
+        for _ in 0..<200 {
+            guard let stat = try? String(contentsOfFile: path, encoding: .utf8),
+                let closingParen = stat.lastIndex(of: ")")
+            else { return }
+            let fields = stat[stat.index(after: closingParen)...].split(separator: " ")
+            if let processState = fields.first, processState == "T" || processState == "t" {
+                return
+            }
+            usleep(500)
+        }
+    }
+
+    /// A file opened for appending (created if missing), closed on exec.
+    static func openForAppending(_ path: String) throws -> FileHandle {
+        let descriptor = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+        guard descriptor >= 0 else {
+            throw TestSupportError("cannot open \(path): \(Sockets.errnoDescription())")
+        }
+        return FileHandle(fileDescriptor: descriptor, closeOnDealloc: true)
+    }
+
+    /// The file's text ("" if it cannot be read).
+    static func readText(_ path: String) -> String {
+        guard let data = FileManager.default.contents(atPath: path) else { return "" }
+        return String(decoding: data, as: UTF8.self)
+    }
+}
