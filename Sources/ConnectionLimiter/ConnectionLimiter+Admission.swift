@@ -71,23 +71,21 @@ extension ConnectionLimiter {
         // An earlier attempt with this id that timed out must not have its entry removed behind this one's back.
         state.withLock { _ = $0.orphans.removeValue(forKey: connection) }
         let entry = state.withLock { state -> (running: Bool, added: Bool, node: String, usable: Bool, fenced: Bool, dead: [String], first: Bool) in
-            guard state.running else { return (false, false, state.node, false, false, [], false) }
+            guard state.running, !state.stopRequested else { return (false, false, state.node, false, false, [], false) }
             let fenced = configuration.policies.onLeaseLoss == .close && (state.fenced || state.leaseLost)
             let first = !state.table.hasConnections(of: user)
             let added = fenced ? false : state.table.addPending(connection, user: user, limit: limit)
             return (true, added, state.node, state.registered && !state.leaseLost, fenced, state.deadList, first)
         }
         guard entry.running else {
+            let stopping = state.withLock { $0.running && $0.stopRequested }
             throw LimiterError(
-                code: .notRunning, message: "the limiter is not running (call run() first); connection \(connection) of user \"\(user)\" refused")
+                code: .notRunning,
+                message: stopping
+                    ? "node \(entry.node) is shutting down; connection \(connection) of user \"\(user)\" refused (connect to another node)"
+                    : "the limiter is not running (call run() first); connection \(connection) of user \"\(user)\" refused")
         }
-        guard !entry.fenced else {
-            throw LimiterError(
-                code: .redisUnavailable,
-                message:
-                    "node \(entry.node) may have lost its lease (Redis unreachable); policy onLeaseLoss=close refuses connection \(connection) of user \"\(user)\" until it re-registers"
-            )
-        }
+        guard !entry.fenced else { throw fencedError(node: entry.node, user: user, connection: connection) }
         guard entry.added else {
             throw LimiterError(
                 code: .invalidConnection,
@@ -95,30 +93,58 @@ extension ConnectionLimiter {
             )
         }
         guard entry.usable else {
-            return try fallback(user: user, connection: connection, limit: limit, reason: "node \(entry.node) is not registered in Redis")
+            return try fallback(user: user, connection: connection, limit: limit, reason: "node \(entry.node) is not registered in Redis", sent: nil)
         }
+        let member = Member(node: entry.node, connection: connection).text
         do {
             var reply = try await runAdmit(user: user, connection: connection, node: entry.node, limit: limit, dead: entry.dead, index: entry.first)
             if reply.status == .denied {
                 reply = try await cleanUpAndRetry(user: user, connection: connection, node: entry.node, limit: limit, denied: reply)
             }
+            if reply.status != .denied, isFenced {
+                // Fenced while the script ran: the gateway has been told to close everything, so this one must not
+                // stay open either.
+                state.withLock { _ = removeLocally(connection, from: &$0) }
+                await removeMembers([member], of: user)
+                throw fencedError(node: entry.node, user: user, connection: connection)
+            }
             return await finishAdmission(user: user, connection: connection, node: entry.node, reply: reply)
         } catch let error as RedisError where Self.isUnavailability(error) {
             do {
-                return try fallback(user: user, connection: connection, limit: limit, reason: error.message)
+                return try fallback(user: user, connection: connection, limit: limit, reason: error.message, sent: member)
             } catch {
-                // Refused (onRedisDown=reject) after a timeout: the script may still run once Redis answers, and its
-                // entry would then count against the user until its lease ran out. Remove it as soon as Redis is back.
-                forgetOrphan(user: user, member: Member(node: entry.node, connection: connection).text, connection: connection)
+                // Refused (onRedisDown=reject, or fenced) after a timeout: the script may still run once Redis
+                // answers, and its entry would then count against the user until its lease ran out. Remove it as soon
+                // as Redis is back.
+                forgetOrphan(user: user, member: member, connection: connection)
                 throw error
             }
         } catch {
-            // Cancelled, or an answer we do not understand: never admit on that. The script may have run: its entry
-            // is removed in the background (and the lease is the backstop).
-            state.withLock { _ = $0.table.remove(connection) }
-            forgetOrphan(user: user, member: Member(node: entry.node, connection: connection).text, connection: connection)
-            throw error
+            // Cancelled, fenced, or an answer we do not understand: never admit on that. The script may have run: its
+            // entry is removed in the background (and the lease is the backstop).
+            state.withLock { _ = removeLocally(connection, from: &$0) }
+            forgetOrphan(user: user, member: member, connection: connection)
+            if error is CancellationError || error is LimiterError { throw error }
+            if let redisError = error as? RedisError, redisError.code == .cancelled { throw error }
+            throw LimiterError(
+                code: .unexpectedReply,
+                message:
+                    "admission of connection \(connection) of user \"\(user)\" on node \(entry.node) failed: \(error); check the user's keys (\(keys.conns(user)), \(keys.limit(user))) and the script version",
+                underlying: error)
         }
+    }
+
+    /// Whether the node has fenced itself (policy `onLeaseLoss: close`) and not re-registered since.
+    var isFenced: Bool {
+        configuration.policies.onLeaseLoss == .close && state.withLock { $0.fenced || $0.leaseLost }
+    }
+
+    func fencedError(node: String, user: UserID, connection: String) -> LimiterError {
+        LimiterError(
+            code: .redisUnavailable,
+            message:
+                "node \(node) may have lost its lease (Redis unreachable); policy onLeaseLoss=close refuses connection \(connection) of user \"\(user)\" until it re-registers"
+        )
     }
 
     /// Queues the removal of a member an unfinished admission may have left in Redis (see ``releaseRetryLoop()``).
@@ -148,13 +174,20 @@ extension ConnectionLimiter {
     ///
     /// `index`: add the user to this node's users index first (in the same write). Needed for the user's first
     /// connection here; while the user has another connection here, the index already holds it.
-    func runAdmit(user: UserID, connection: String, node: String, limit: Int, dead: [String], index: Bool = true) async throws -> AdmitReply {
+    ///
+    /// `policy`: the overflow policy argument of the script (default: the configured one).
+    func runAdmit(
+        user: UserID, connection: String, node: String, limit: Int, dead: [String], index: Bool = true, policy: String? = nil
+    ) async throws -> AdmitReply {
         let member = Member(node: node, connection: connection).text
-        let arguments = [member, String(limit), String(leaseMilliseconds), policyArgument, configuration.policies.dryRun ? "1" : "0"] + dead
+        let arguments = [member, String(limit), String(leaseMilliseconds), policy ?? policyArgument, configuration.policies.dryRun ? "1" : "0"] + dead
         let started = clock.now
         if index {
-            // Queued ahead of the script on the same connection: if it cannot be written, neither can the script.
+            // Queued ahead of the script on the same connection: if it cannot be written, neither can the script. The
+            // TTL (as the heartbeat sets it) keeps an index written after the node's drain deleted it from staying.
             try redis.sendWithoutReply(RedisCommand("SADD", strings: [keys.users(node), user.escaped]), timeout: configuration.admissionTimeout)
+            try redis.sendWithoutReply(
+                RedisCommand("PEXPIRE", keys.users(node), leaseMilliseconds + nodeTTLMilliseconds), timeout: configuration.admissionTimeout)
         }
         let results = try await redis.pipeline(
             [.script(scripts.admit, keys: keys.userKeys(user), arguments: arguments)], timeout: configuration.admissionTimeout)
@@ -210,7 +243,7 @@ extension ConnectionLimiter {
         }
         switch reply.status {
         case .denied:
-            state.withLock { _ = $0.table.remove(connection) }
+            state.withLock { _ = removeLocally(connection, from: &$0) }
             metrics.denied.increment()
             let holders = reply.holders
             let soonest = holders.map(\.expiry).min().map { $0 - reply.now } ?? 1000
@@ -235,7 +268,7 @@ extension ConnectionLimiter {
             if !kept {
                 // Released while its admission was in flight: take the entry back out.
                 await removeMembers([Member(node: node, connection: connection).text], of: user)
-                state.withLock { _ = $0.table.remove(connection) }
+                state.withLock { _ = removeLocally(connection, from: &$0) }
             }
             if reply.status == .dryRunOverLimit {
                 metrics.dryRunDenied.increment()
@@ -281,11 +314,16 @@ extension ConnectionLimiter {
         }
     }
 
-    /// Redis is unreachable (or the node unregistered): apply `onRedisDown`.
-    private func fallback(user: UserID, connection: String, limit: Int, reason: String) throws -> AdmissionDecision {
+    /// Redis is unreachable (or the node unregistered): apply `onRedisDown`. A fenced node refuses (its gateway has
+    /// closed everything). `sent`: the member an admission script already sent may still write (nil if none was sent).
+    private func fallback(user: UserID, connection: String, limit: Int, reason: String, sent: String?) throws -> AdmissionDecision {
+        if isFenced {
+            let node = state.withLock { removeLocally(connection, from: &$0)?.node } ?? nodeID
+            throw fencedError(node: node, user: user, connection: connection)
+        }
         switch configuration.policies.onRedisDown {
         case .reject:
-            state.withLock { _ = $0.table.remove(connection) }
+            state.withLock { _ = removeLocally(connection, from: &$0) }
             throw LimiterError(
                 code: .redisUnavailable,
                 message:
@@ -295,11 +333,18 @@ extension ConnectionLimiter {
             let decision = state.withLock { state -> (admitted: Bool, count: Int) in
                 let open = state.table.openCount(of: user)
                 if open < limit || configuration.policies.dryRun {
-                    _ = state.table.admitted(connection, node: nil)
-                    return (true, open + 1)
+                    if state.table.admitted(connection, node: nil) { return (true, open + 1) }
+                    // Released while its admission was pending: the release left it to this admission to finish.
+                    removeLocally(connection, from: &state)
+                    return (true, open)
                 }
-                _ = state.table.remove(connection)
+                removeLocally(connection, from: &state)
                 return (false, open)
+            }
+            if let sent, state.withLock({ $0.table.connection(connection) == nil }) {
+                // Not open here (denied, or released meanwhile), but the script may still write its member once Redis
+                // answers: remove it then.
+                forgetOrphan(user: user, member: sent, connection: connection)
             }
             nodeLogger(nodeID).debug("admission by local count", metadata: [LogKey.user: "\(user)", LogKey.error: "\(reason)"])
             if decision.admitted {
@@ -328,7 +373,7 @@ extension ConnectionLimiter {
     /// Removes the member of a releasing connection, then the connection; on failure, queues it for a retry.
     private func sendRelease(_ connection: String, _ entry: LocalTable.Connection) async {
         guard let node = entry.node else {
-            state.withLock { _ = $0.table.remove(connection) }
+            state.withLock { _ = removeLocally(connection, from: &$0) }
             metrics.activeConnections.record(localConnectionCount)
             return
         }

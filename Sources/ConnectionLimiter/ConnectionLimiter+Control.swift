@@ -51,7 +51,7 @@ extension ConnectionLimiter {
             acknowledge(request: parts[1], from: parts[2])
         case "kick" where parts.count >= 2:
             let connection = parts[1]
-            guard let (entry, _) = state.withLock({ $0.table.remove(connection) }) else { return }
+            guard let entry = state.withLock({ removeLocally(connection, from: &$0) }) else { return }
             metrics.evictedKicked.increment()
             let reason: LimiterEvent.KickReason = parts.count >= 3 && parts[2] == "operator" ? .operatorRequest : .evicted
             emit(.kick(connection: connection, user: entry.user.rawValue, reason: reason))
@@ -122,7 +122,7 @@ extension ConnectionLimiter {
     /// Tells the owner of `member` to close it (evict-oldest, operator kick); a local one is announced directly.
     func kick(_ member: Member, user: UserID, reason: LimiterEvent.KickReason = .evicted) async {
         if member.node == nodeID {
-            guard state.withLock({ $0.table.remove(member.connection) }) != nil else { return }
+            guard state.withLock({ removeLocally(member.connection, from: &$0) }) != nil else { return }
             metrics.evictedKicked.increment()
             emit(.kick(connection: member.connection, user: user.rawValue, reason: reason))
         } else {

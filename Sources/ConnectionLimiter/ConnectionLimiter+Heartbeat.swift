@@ -114,10 +114,17 @@ extension ConnectionLimiter {
             }
             // Only a node whose lease is current may take the sweeper lock.
             if !expired.isEmpty, state.withLock({ !$0.sweeping }) {
-                let lock = try await redis.eval(
-                    scripts.sweeperLock, keys: [keys.sweeper], arguments: [node, String(configuration.heartbeat.interval.milliseconds * 3)],
-                    timeout: configuration.heartbeat.interval)
-                if lock.int == 1 { schedule(sweep: expired) }
+                // The heartbeat itself succeeded: a failed lock request is not "Redis down", the next beat retries.
+                do {
+                    let lock = try await redis.eval(
+                        scripts.sweeperLock, keys: [keys.sweeper], arguments: [node, String(configuration.heartbeat.interval.milliseconds * 3)],
+                        timeout: configuration.heartbeat.interval)
+                    if lock.int == 1 { schedule(sweep: expired) }
+                } catch {
+                    nodeLogger(node).warning(
+                        "could not request the sweeper lock; the next heartbeat retries",
+                        metadata: [LogKey.error: "\(error)", "fleetgate.dead-nodes": "\(expired.count)"])
+                }
             }
         } catch {
             heartbeatFailed(error)
@@ -224,7 +231,8 @@ extension ConnectionLimiter {
 
     /// After re-registration: re-admit every open connection through the normal admission script, oldest first and
     /// many at a time (pipelined). A connection denied now (its user was filled meanwhile) is closed: the node that
-    /// lost its lease yields.
+    /// lost its lease yields. So the script runs with the "yield" policy under evict-oldest (admission times kept, no
+    /// eviction): a re-admission never evicts the connections other nodes admitted while this node was away.
     private func readmitAll(previous: String) async {
         let (node, connections, dead) = state.withLock { state in
             (state.node, state.table.openOldestFirst().filter { $0.connection.node != state.node }, state.deadList)
@@ -237,7 +245,9 @@ extension ConnectionLimiter {
             let outcomes = await withTaskGroup(of: (String, LocalTable.Connection, AdmitReply?).self) { group in
                 for (id, connection) in chunk {
                     group.addTask {
-                        let reply = try? await self.runAdmit(user: connection.user, connection: id, node: node, limit: connection.limit, dead: dead)
+                        let reply = try? await self.runAdmit(
+                            user: connection.user, connection: id, node: node, limit: connection.limit, dead: dead,
+                            policy: self.configuration.policies.overflow == .evictOldest ? "yield" : "reject")
                         return (id, connection, reply)
                     }
                 }
@@ -248,7 +258,7 @@ extension ConnectionLimiter {
             for (id, connection, reply) in outcomes {
                 if reply?.status == .denied {
                     denied += 1
-                    state.withLock { _ = $0.table.remove(id) }
+                    state.withLock { _ = removeLocally(id, from: &$0) }
                     emit(.kick(connection: id, user: connection.user.rawValue, reason: .deniedAfterLeaseLoss))
                 } else if reply != nil {
                     readmitted += 1

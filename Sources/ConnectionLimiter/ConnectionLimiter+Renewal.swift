@@ -34,13 +34,20 @@ extension ConnectionLimiter {
                 return .script(
                     scripts.renew,
                     keys: keys.userKeys(call.user),
-                    arguments: [String(leaseMilliseconds), String(limit), policyArgument, String(dead.count)] + dead + members
+                    arguments: [String(leaseMilliseconds), String(limit), policyArgument, configuration.policies.dryRun ? "1" : "0", String(dead.count)]
+                        + dead + members
                 )
             }
             steps.append(.command(RedisCommand("SADD", arguments: [keys.users(node)] + chunk.map(\.user.escaped))))
             steps.append(.command(RedisCommand("PEXPIRE", keys.users(node), leaseMilliseconds + nodeTTLMilliseconds)))
-            guard let results = try? await redis.pipeline(steps, timeout: configuration.lease.renewInterval) else {
-                nodeLogger(node).debug("lease renewal failed; will retry next interval")
+            let results: [Result<RESPValue, RedisError>]
+            do {
+                results = try await redis.pipeline(steps, timeout: configuration.lease.renewInterval)
+            } catch {
+                // Leases run out after lease.ttl: a few failed rounds in a row put this node's connections at risk.
+                nodeLogger(node).warning(
+                    "lease renewal failed; will retry next interval",
+                    metadata: [LogKey.error: "\(error)", "fleetgate.users": "\(calls.count)", "fleetgate.lease-ttl": "\(configuration.lease.ttl)"])
                 return
             }
             for (call, result) in zip(chunk, results) {
@@ -52,7 +59,7 @@ extension ConnectionLimiter {
                 let (kicked, released) = state.withLock { state -> ([String], [String]) in
                     var kicked: [String] = []
                     for id in lost where state.table.connection(id)?.state == .open {
-                        state.table.remove(id)
+                        removeLocally(id, from: &state)
                         kicked.append(id)
                     }
                     var released: [String] = []

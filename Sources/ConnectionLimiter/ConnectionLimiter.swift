@@ -128,6 +128,20 @@ public final class ConnectionLimiter: Service, Sendable {
     var leaseMilliseconds: Int64 { configuration.lease.ttl.milliseconds }
     var policyArgument: String { configuration.policies.overflow == .evictOldest ? "evict" : "reject" }
 
+    /// Removes a connection from the local table, inside `state`'s lock. When it was its user's last connection here,
+    /// the user leaves this node's users index: the SREM is queued on the Redis connection before the lock is released,
+    /// so the SADD of an admission of the same user that starts afterwards is written after it. Best effort: a user
+    /// left in the index only costs a sweep a look, and the index ends with the node. (A release pipelines its own
+    /// SREM with the release script instead.)
+    @discardableResult
+    func removeLocally(_ id: String, from state: inout State) -> LocalTable.Connection? {
+        guard let (connection, last) = state.table.remove(id) else { return nil }
+        if last, state.registered {
+            try? redis.sendWithoutReply(RedisCommand("SREM", keys.users(state.node), connection.user.escaped), timeout: configuration.admissionTimeout)
+        }
+        return connection
+    }
+
     func emit(_ event: LimiterEvent) {
         eventContinuation.yield(event)
     }

@@ -3,11 +3,12 @@
 --
 -- KEYS[1]  P:{u:<user>}:conns   ZSET member "<node>:<conn>", score = lease expiry (ms, Redis clock)
 -- KEYS[2]  P:{u:<user>}:limit   STRING optional per-user override of the limit
--- KEYS[3]  P:{u:<user>}:since   ZSET member -> admission time (ms); maintained only with ARGV[4] = "evict"
+-- KEYS[3]  P:{u:<user>}:since   ZSET member -> admission time (ms); maintained only with ARGV[4] = "evict" or "yield"
 -- ARGV[1]  member "<node>:<conn>"
 -- ARGV[2]  limit to apply when KEYS[2] is absent (the caller's default or token claim)
 -- ARGV[3]  lease TTL in ms
--- ARGV[4]  overflow policy: "reject" or "evict" (evict the oldest admitted entry)
+-- ARGV[4]  overflow policy: "reject", "evict" (evict the oldest admitted entry), or "yield" (a re-admission under
+--          evict-oldest: admission times kept as with "evict", but at the limit it is denied as with "reject")
 -- ARGV[5]  "1" = dry run: always admit, report what the limit would have decided
 -- ARGV[6…] node ids the caller knows are dead; their members are dropped when the user is at the limit
 --
@@ -18,12 +19,13 @@
 -- Run by hand: redis-cli --eval admit.lua fg:{u:alice}:conns fg:{u:alice}:limit fg:{u:alice}:since , n1:c1 20 30000 reject 0
 local conns, limitKey, sinceKey = KEYS[1], KEYS[2], KEYS[3]
 local member, ttl, policy, dryRun = ARGV[1], tonumber(ARGV[3]), ARGV[4], ARGV[5] == "1"
+local keepSince = policy == "evict" or policy == "yield"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local expiry = now + ttl
 
 local expired = redis.call('ZREMRANGEBYSCORE', conns, '-inf', now)
-if expired > 0 and policy == "evict" then
+if expired > 0 and keepSince then
   -- Keep "since" to the members still present (it is small: at most the limit).
   for _, m in ipairs(redis.call('ZRANGE', sinceKey, 0, -1)) do
     if not redis.call('ZSCORE', conns, m) then redis.call('ZREM', sinceKey, m) end
@@ -52,7 +54,7 @@ if count >= limit and #ARGV > 5 then
     local node = string.match(m, '^([^:]*):')
     if node and dead[node] then
       redis.call('ZREM', conns, m)
-      if policy == "evict" then redis.call('ZREM', sinceKey, m) end
+      if keepSince then redis.call('ZREM', sinceKey, m) end
       deadRemoved = deadRemoved + 1
     end
   end
@@ -62,7 +64,7 @@ end
 local function add()
   redis.call('ZADD', conns, expiry, member)
   redis.call('PEXPIRE', conns, ttl)
-  if policy == "evict" then
+  if keepSince then
     redis.call('ZADD', sinceKey, now, member)
     redis.call('PEXPIRE', sinceKey, ttl)
   end

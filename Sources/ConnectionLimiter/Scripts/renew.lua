@@ -1,6 +1,6 @@
 #!lua
 -- Renew the leases of one node's open connections of one user; re-add members that are missing (lost in a Redis
--- restart or failover) while the user is under the limit, oldest first.
+-- restart or failover) while the user is under the limit (in dry run: always), oldest first.
 --
 -- KEYS[1]  P:{u:<user>}:conns
 -- KEYS[2]  P:{u:<user>}:limit
@@ -8,15 +8,16 @@
 -- ARGV[1]  lease TTL in ms
 -- ARGV[2]  limit to apply when KEYS[2] is absent
 -- ARGV[3]  overflow policy: "reject" or "evict" (then "since" is kept too)
--- ARGV[4]  n = how many dead node ids follow (this node's earlier incarnations, expired nodes)
--- ARGV[5…4+n]  dead node ids: their members are dropped before counting
--- ARGV[5+n…]   members "<node>:<conn>", oldest admission first (at most a few thousand per call)
+-- ARGV[4]  "1" = dry run: re-add missing members even over the limit (a dry run never closes a connection)
+-- ARGV[5]  n = how many dead node ids follow (this node's earlier incarnations, expired nodes)
+-- ARGV[6…5+n]  dead node ids: their members are dropped before counting
+-- ARGV[6+n…]   members "<node>:<conn>", oldest admission first (at most a few thousand per call)
 --
 -- Returns {renewed, readded, lost…, "|", readded…}: lost members could not be re-added (the user is at the limit)
 -- and their owner must close them; re-added ones are listed after "|" so the owner can check they are still open.
--- Run by hand: redis-cli --eval renew.lua fg:{u:alice}:conns fg:{u:alice}:limit fg:{u:alice}:since , 30000 20 reject 0 n1:c1
+-- Run by hand: redis-cli --eval renew.lua fg:{u:alice}:conns fg:{u:alice}:limit fg:{u:alice}:since , 30000 20 reject 0 0 n1:c1
 local conns, limitKey, sinceKey = KEYS[1], KEYS[2], KEYS[3]
-local ttl, policy = tonumber(ARGV[1]), ARGV[3]
+local ttl, policy, dryRun = tonumber(ARGV[1]), ARGV[3], ARGV[4] == "1"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local expiry = now + ttl
@@ -26,15 +27,15 @@ local override = tonumber(redis.call('GET', limitKey) or '')
 if override and override == override and override >= 0 and override <= 1000000 and override == math.floor(override) then
   limit = override
 end
-local deadCount = tonumber(ARGV[4])
+local deadCount = tonumber(ARGV[5])
 local members = {}
-for i = 5 + deadCount, #ARGV do members[#members + 1] = ARGV[i] end
+for i = 6 + deadCount, #ARGV do members[#members + 1] = ARGV[i] end
 local result = {0, 0}
 if #members == 0 then return result end
 local count = redis.call('ZCARD', conns)
 if deadCount > 0 and count >= limit then
   local dead = {}
-  for i = 5, 4 + deadCount do dead[ARGV[i]] = true end
+  for i = 6, 5 + deadCount do dead[ARGV[i]] = true end
   for _, m in ipairs(redis.call('ZRANGE', conns, 0, -1)) do
     local node = string.match(m, '^([^:]*):')
     if node and dead[node] then
@@ -50,7 +51,7 @@ for i, member in ipairs(members) do
   if scores[i] then
     redis.call('ZADD', conns, 'XX', expiry, member)
     result[1] = result[1] + 1
-  elseif count < limit then
+  elseif count < limit or dryRun then
     redis.call('ZADD', conns, expiry, member)
     if policy == "evict" then redis.call('ZADD', sinceKey, 'NX', now, member) end
     count = count + 1
