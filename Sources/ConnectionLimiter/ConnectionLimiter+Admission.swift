@@ -180,7 +180,7 @@ extension ConnectionLimiter {
         user: UserID, connection: String, node: String, limit: Int, dead: [String], index: Bool = true, policy: String? = nil
     ) async throws -> AdmitReply {
         let member = Member(node: node, connection: connection).text
-        let arguments = [member, String(limit), String(leaseMilliseconds), policy ?? policyArgument, configuration.policies.dryRun ? "1" : "0"] + dead
+        let arguments = [member, String(limit), String(leaseMilliseconds), policy ?? policyArgument, dryRunArgument] + dead
         let started = clock.now
         if index {
             // Queued ahead of the script on the same connection: if it cannot be written, neither can the script. The

@@ -34,8 +34,7 @@ extension ConnectionLimiter {
                 return .script(
                     scripts.renew,
                     keys: keys.userKeys(call.user),
-                    arguments: [String(leaseMilliseconds), String(limit), policyArgument, configuration.policies.dryRun ? "1" : "0", String(dead.count)]
-                        + dead + members
+                    arguments: [String(leaseMilliseconds), String(limit), policyArgument, dryRunArgument, String(dead.count)] + dead + members
                 )
             }
             steps.append(.command(RedisCommand("SADD", arguments: [keys.users(node)] + chunk.map(\.user.escaped))))

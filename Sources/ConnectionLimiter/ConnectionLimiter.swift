@@ -127,6 +127,7 @@ public final class ConnectionLimiter: Service, Sendable {
     var nodeTTLMilliseconds: Int64 { configuration.heartbeat.nodeTTL.milliseconds }
     var leaseMilliseconds: Int64 { configuration.lease.ttl.milliseconds }
     var policyArgument: String { configuration.policies.overflow == .evictOldest ? "evict" : "reject" }
+    var dryRunArgument: String { configuration.policies.dryRun ? "1" : "0" }
 
     /// Removes a connection from the local table, inside `state`'s lock. When it was its user's last connection here,
     /// the user leaves this node's users index: the SREM is queued on the Redis connection before the lock is released,
@@ -137,7 +138,8 @@ public final class ConnectionLimiter: Service, Sendable {
     func removeLocally(_ id: String, from state: inout State) -> LocalTable.Connection? {
         guard let (connection, last) = state.table.remove(id) else { return nil }
         if last, state.registered {
-            try? redis.sendWithoutReply(RedisCommand("SREM", keys.users(state.node), connection.user.escaped), timeout: configuration.admissionTimeout)
+            let leave = RedisCommand("SREM", keys.users(state.node), connection.user.escaped)
+            try? redis.sendWithoutReply(leave, timeout: configuration.admissionTimeout)
         }
         return connection
     }
