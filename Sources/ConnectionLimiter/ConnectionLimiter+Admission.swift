@@ -152,11 +152,16 @@ extension ConnectionLimiter {
         state.withLock { $0.orphans[connection] = Orphan(user: user, member: member) }
     }
 
-    /// Right after start the node is not registered yet: an admission then waits for the first registration (at
-    /// most `admissionTimeout`) instead of taking the Redis-down fallback, whose local count would not see other nodes.
+    /// Right after start the node is not registered yet: an admission then waits for the first registration
+    /// instead of taking the Redis-down fallback, whose local count would not see other nodes — until
+    /// `admissionTimeout` after ``run()`` started. With Redis down from the start, only the first admissions wait;
+    /// later ones go straight to the `onRedisDown` policy.
     func waitForFirstRegistration() async {
-        guard state.withLock({ $0.running && !$0.everRegistered }) else { return }
-        await firstRegistration.wait(timeout: configuration.admissionTimeout)
+        let deadline = state.withLock { state in state.running && !state.everRegistered ? state.startedAt : nil }
+        guard let deadline else { return }
+        let left = clock.now.duration(to: deadline + configuration.admissionTimeout)
+        guard left > .zero else { return }
+        await firstRegistration.wait(timeout: left)
     }
 
     /// Errors that mean "Redis cannot answer now" (the `onRedisDown` policy applies), as opposed to cancellation or

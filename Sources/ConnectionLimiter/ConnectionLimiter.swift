@@ -43,6 +43,8 @@ public final class ConnectionLimiter: Service, Sendable {
         var previousIncarnations: [String] = []
         /// Set by run(); admissions before it (or after shutdown) are refused.
         var running = false
+        /// When run() started: admissions wait for the first registration until `admissionTimeout` after it.
+        var startedAt: ContinuousClock.Instant?
         /// Work the heartbeat hands to the maintenance loop, so heartbeats never wait for it.
         var pendingReadmission: String?
         var pendingSweep: Set<String> = []
@@ -160,7 +162,10 @@ public final class ConnectionLimiter: Service, Sendable {
     /// graceful shutdown (which releases every entry and deregisters) or cancellation (which just stops).
     public func run() async throws {
         try configuration.validate()
-        state.withLock { $0.running = true }
+        state.withLock { state in
+            state.running = true
+            state.startedAt = clock.now
+        }
         await withGracefulShutdownHandler {
             await withDiscardingTaskGroup { group in
                 group.addTask { await self.heartbeatLoop() }

@@ -61,9 +61,14 @@ struct GatewayChannel: ServerChildChannel, HTTPChannelHandler {
                 maxFrameSize: core.configuration.maxFrameSize,
                 enableAutomaticErrorHandling: true,
                 shouldUpgrade: { channel, head in
+                    // Stop reading while the admission runs: NIO's upgrade handler buffers every byte that arrives
+                    // after the request until the decision, without bound (a client must not send any before the
+                    // 101 anyway). One read's worth at most is held.
+                    try? channel.syncOptions?.setOption(ChannelOptions.autoRead, value: false)
                     let promise = channel.eventLoop.makePromise(of: UpgradeDecision.self)
                     promise.completeWithTask { await core.decide(head: head, channel: channel) }
                     return promise.futureResult.map { result in
+                        try? channel.syncOptions?.setOption(ChannelOptions.autoRead, value: true)
                         decision.value = result
                         switch result {
                         case .accept, .closeAtOnce: return HTTPHeaders()

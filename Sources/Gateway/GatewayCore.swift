@@ -240,6 +240,8 @@ final class GatewayCore: Sendable {
                 metrics.sessionOpened()
                 defer { metrics.sessionClosed(code: connection.closingCode) }
                 let queue = MessageQueue()
+                // However the socket ends, the reader must not stay parked on a full queue.
+                webSocket.channel.closeFuture.whenComplete { _ in queue.finish() }
                 let session = GatewaySession(
                     user: admitted.user, connectionID: admitted.id, logger: logger, messages: GatewayMessages(queue: queue), connection: connection)
                 await withGracefulShutdownHandler {
@@ -248,16 +250,33 @@ final class GatewayCore: Sendable {
                         group.addTask {
                             do {
                                 try await self.handler.run(session)
-                                connection.close(code: GatewayCloseCode.normal, reason: "")
+                                // The handler also ends when the socket went away (its messages end): that is 1006.
+                                if webSocket.channel.isActive {
+                                    connection.close(code: GatewayCloseCode.normal, reason: "")
+                                } else {
+                                    connection.noteClosed(code: GatewayCloseCode.abnormal)
+                                }
+                            } catch let closed as GatewaySessionClosed {
+                                // A send failed because the connection is closing or gone (1006): not a handler fault.
+                                if connection.closingCode == nil {
+                                    connection.noteClosed(code: closed.code)
+                                    connection.abort()
+                                }
                             } catch {
                                 if connection.closingCode == nil {
                                     logger.warning("session handler failed", metadata: ["fleetgate.error": "\(error)"])
                                 }
                                 connection.close(code: GatewayCloseCode.internalError, reason: "internal error")
                             }
+                            // Nobody takes messages any more: a reader waiting on the full queue goes back to reading
+                            // (and sees the client's close answer, or the socket's end).
+                            queue.finish()
                         }
                         if let pending { connection.close(code: pending.code, reason: pending.reason) }
                         await self.read(inbound, connection: connection, queue: queue)
+                        // Ended without a closing handshake of ours: the client vanished (1006), unless the read
+                        // recorded what NIO answered a broken frame with.
+                        connection.noteClosed(code: GatewayCloseCode.abnormal)
                         queue.finish()
                         group.cancelAll()
                     }
@@ -283,6 +302,9 @@ final class GatewayCore: Sendable {
                 guard frame.maskKey != nil else {
                     return protocolError(connection, "client frames must be masked")
                 }
+                guard !frame.rsv1, !frame.rsv2, !frame.rsv3 else {
+                    return protocolError(connection, "reserved bits set without a negotiated extension")
+                }
                 switch frame.opcode {
                 case .ping:
                     guard frame.fin else { return protocolError(connection, "fragmented ping") }
@@ -292,9 +314,7 @@ final class GatewayCore: Sendable {
                 case .connectionClose:
                     if connection.closingCode == nil {
                         // The client closes: echo its code (RFC 6455 §5.5.1); the socket closes once that is out.
-                        var data = frame.unmaskedData
-                        let code = data.readInteger(as: UInt16.self) ?? GatewayCloseCode.normal
-                        connection.close(code: Self.isValidCloseCode(code) ? code : GatewayCloseCode.protocolError, reason: "", waitForAnswer: false)
+                        connection.close(code: Self.answer(toClose: frame.unmaskedData), reason: "", waitForAnswer: false)
                     } else {
                         // The answer to our close: the handshake is complete.
                         connection.abort()
@@ -328,9 +348,23 @@ final class GatewayCore: Sendable {
                     return protocolError(connection, "unknown opcode")
                 }
             }
+        } catch let error as NIOWebSocketError {
+            // NIO's frame decoder answered a broken frame itself and closes the socket.
+            connection.noteClosed(code: error == .invalidFrameLength ? GatewayCloseCode.messageTooBig : GatewayCloseCode.protocolError)
+            logger.debug("WebSocket read ended", metadata: ["fleetgate.error": "\(error)"])
         } catch {
             logger.debug("WebSocket read ended", metadata: ["fleetgate.error": "\(error)"])
         }
+    }
+
+    /// The code to echo to a client's close frame: its own code, 1000 for an empty payload, 1002 for a 1-byte payload
+    /// or an invalid code, 1007 for a reason that is not UTF-8 (RFC 6455 §5.5.1, §7.4).
+    static func answer(toClose payload: ByteBuffer) -> UInt16 {
+        var data = payload
+        guard data.readableBytes > 0 else { return GatewayCloseCode.normal }
+        guard let code = data.readInteger(as: UInt16.self), isValidCloseCode(code) else { return GatewayCloseCode.protocolError }
+        guard String(validating: data.readableBytesView, as: UTF8.self) != nil else { return GatewayCloseCode.invalidData }
+        return code
     }
 
     private func protocolError(_ connection: SessionConnection, _ reason: String) {
@@ -362,7 +396,7 @@ final class GatewayCore: Sendable {
 
     static func isValidCloseCode(_ code: UInt16) -> Bool {
         switch code {
-        case 1000...1003, 1007...1011, 3000...4999: return true
+        case 1000...1003, 1007...1014, 3000...4999: return true
         default: return false
         }
     }
@@ -435,7 +469,8 @@ final class GatewayCore: Sendable {
         let (first, empty) = state.withLockedValue { state -> (Bool, Bool) in
             guard !state.draining else { return (false, false) }
             state.draining = true
-            state.drainDeadline = ContinuousClock.now + configuration.drainTimeout
+            // A fifth of the drain timeout is left for the limiter's release of every entry and deregistration.
+            state.drainDeadline = ContinuousClock.now + configuration.drainTimeout * 4 / 5
             return (true, state.entries.isEmpty)
         }
         guard first else { return }

@@ -23,7 +23,7 @@ struct GatewayMetrics: Sendable {
         self.upgradeCounters = upgradeCounters
         sessions = Gauge(label: "fleetgate_gateway_sessions", factory: factory)
         var closeCounters: [UInt16: Counter] = [:]
-        for code: UInt16 in [1000, 1001, 1002, 1006, 1007, 1009, 1011, 1012, 1013, 4409, 4429] {
+        for code: UInt16 in [1000, 1001, 1002, 1006, 1007, 1008, 1009, 1011, 1012, 1013, 4409, 4429] {
             closeCounters[code] = Counter(label: "fleetgate_gateway_closes_total", dimensions: [("code", String(code))], factory: factory)
         }
         self.closeCounters = closeCounters
@@ -38,7 +38,7 @@ struct GatewayMetrics: Sendable {
         sessions.record(open.add(1))
     }
 
-    /// `code` is the close code the server sent, nil if the client closed first or vanished (counted as 1006).
+    /// `code` is the close code the connection ended with (1006 recorded for a client that vanished); nil counts as 1006.
     func sessionClosed(code: UInt16?) {
         sessions.record(open.add(-1))
         (closeCounters[code ?? 1006] ?? otherClose).increment()

@@ -97,7 +97,8 @@ final class MessageQueue: Sendable {
     /// Whether the reader is waiting for the handler (the client is then not read, so missed pongs don't count).
     var isProducerWaiting: Bool { state.withLockedValue { $0.producer != nil } }
 
-    /// Adds a message, waiting while the queue is full. Returns at once once finished.
+    /// Adds a message, waiting while the queue is full. Returns at once once finished, and when the task is
+    /// cancelled (the message is then still queued).
     func push(_ message: GatewayMessage) async {
         let delivered = state.withLockedValue { state -> CheckedContinuation<GatewayMessage?, Never>? in
             guard !state.finished else { return nil }
@@ -112,40 +113,56 @@ final class MessageQueue: Sendable {
             delivered.resume(returning: message)
             return
         }
-        while state.withLockedValue({ !$0.finished && $0.count > capacity }) {
-            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-                let resumeNow = state.withLockedValue { state -> Bool in
-                    if state.finished || state.count <= capacity { return true }
-                    state.producer = continuation
-                    return false
+        while state.withLockedValue({ !$0.finished && $0.count > capacity }), !Task.isCancelled {
+            await withTaskCancellationHandler {
+                await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                    let resumeNow = state.withLockedValue { state -> Bool in
+                        if state.finished || state.count <= capacity || Task.isCancelled { return true }
+                        state.producer = continuation
+                        return false
+                    }
+                    if resumeNow { continuation.resume() }
                 }
-                if resumeNow { continuation.resume() }
+            } onCancel: {
+                let producer = state.withLockedValue { state -> CheckedContinuation<Void, Never>? in
+                    defer { state.producer = nil }
+                    return state.producer
+                }
+                producer?.resume()
             }
         }
     }
 
-    /// The next message, or nil once finished and empty.
+    /// The next message, or nil once finished and empty (or when the task is cancelled).
     func next() async -> GatewayMessage? {
-        await withCheckedContinuation { (continuation: CheckedContinuation<GatewayMessage?, Never>) in
-            let (result, producer, ready) = state.withLockedValue {
-                state -> (GatewayMessage?, CheckedContinuation<Void, Never>?, Bool) in
-                if state.count > 0 {
-                    let message = state.buffer[state.head]
-                    state.head += 1
-                    if state.head > 64 && state.head * 2 > state.buffer.count {
-                        state.buffer.removeFirst(state.head)
-                        state.head = 0
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<GatewayMessage?, Never>) in
+                let (result, producer, ready) = state.withLockedValue {
+                    state -> (GatewayMessage?, CheckedContinuation<Void, Never>?, Bool) in
+                    if state.count > 0 {
+                        let message = state.buffer[state.head]
+                        state.head += 1
+                        if state.head > 64 && state.head * 2 > state.buffer.count {
+                            state.buffer.removeFirst(state.head)
+                            state.head = 0
+                        }
+                        let producer = state.producer
+                        state.producer = nil
+                        return (message, producer, true)
                     }
-                    let producer = state.producer
-                    state.producer = nil
-                    return (message, producer, true)
+                    if state.finished || Task.isCancelled { return (nil, nil, true) }
+                    state.consumer = continuation
+                    return (nil, nil, false)
                 }
-                if state.finished { return (nil, nil, true) }
-                state.consumer = continuation
-                return (nil, nil, false)
+                producer?.resume()
+                if ready { continuation.resume(returning: result) }
             }
-            producer?.resume()
-            if ready { continuation.resume(returning: result) }
+        } onCancel: {
+            let consumer = state.withLockedValue { state -> CheckedContinuation<GatewayMessage?, Never>? in
+                defer { state.consumer = nil }
+                return state.consumer
+            }
+            consumer?.resume(returning: nil)
         }
     }
 

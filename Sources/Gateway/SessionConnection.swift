@@ -17,7 +17,18 @@ final class SessionConnection: Sendable {
         var closeTimer: Scheduled<Void>?
         /// Writes our close frame (and, without waiting for an answer, closes the socket after it).
         var closeWrite: Task<Void, Never>?
+        /// Whether a pong write is in flight; `nextPong` holds the latest ping's data to answer after it.
+        var pongInFlight = false
+        var nextPong: ByteBuffer?
+        /// Whether our last ping is still waiting to be written (the client does not read).
+        var pingInFlight = false
+        /// Client pings in the current one-second window (a flood is closed with 1008).
+        var pingWindowStart: ContinuousClock.Instant = .now
+        var pingsInWindow = 0
     }
+
+    /// Client pings per second above which the connection is closed with 1008 (policy violation).
+    static let maxPingsPerSecond = 50
 
     let channel: any Channel
     let outbound: NIOAsyncChannelOutboundWriter<WebSocketFrame>
@@ -45,11 +56,58 @@ final class SessionConnection: Sendable {
         }
     }
 
-    /// Answers a client ping.
+    /// Answers a client ping. At most one pong is in flight: pings that arrive meanwhile are answered once, with the
+    /// latest one's data (RFC 6455 §5.5.3 allows that), so a client that floods pings without reading its pongs costs
+    /// one buffer, not a task per ping. More than ``maxPingsPerSecond`` pings in a second close the connection (1008).
     func pong(_ data: ByteBuffer) {
-        guard closingCode == nil else { return }
-        let outbound = outbound
-        Task { try? await outbound.write(WebSocketFrame(fin: true, opcode: .pong, data: data)) }
+        enum Action { case none, write, flood }
+        let action = state.withLockedValue { state -> Action in
+            guard state.closingWith == nil else { return .none }
+            let now = ContinuousClock.now
+            if now - state.pingWindowStart >= .seconds(1) {
+                state.pingWindowStart = now
+                state.pingsInWindow = 0
+            }
+            state.pingsInWindow += 1
+            if state.pingsInWindow > Self.maxPingsPerSecond { return .flood }
+            if state.pongInFlight {
+                state.nextPong = data
+                return .none
+            }
+            state.pongInFlight = true
+            return .write
+        }
+        switch action {
+        case .none:
+            return
+        case .flood:
+            logger.info("closing a connection that sent more than \(Self.maxPingsPerSecond) pings in a second")
+            close(code: GatewayCloseCode.policyViolation, reason: "too many pings", waitForAnswer: false)
+        case .write:
+            let outbound = outbound
+            let connection = self
+            Task {
+                var data = data
+                while true {
+                    try? await outbound.write(WebSocketFrame(fin: true, opcode: .pong, data: data))
+                    let next = connection.state.withLockedValue { state -> ByteBuffer? in
+                        defer { state.nextPong = nil }
+                        if state.nextPong == nil || state.closingWith != nil { state.pongInFlight = false }
+                        return state.closingWith == nil ? state.nextPong : nil
+                    }
+                    guard let next else { return }
+                    data = next
+                }
+            }
+        }
+    }
+
+    /// Records a close that happened without us sending a close frame: NIO answered a broken frame itself (1009,
+    /// 1002), or the socket went away (1006). Later closes then send nothing.
+    func noteClosed(code: UInt16) {
+        state.withLockedValue { state in
+            if state.closingWith == nil { state.closingWith = code }
+        }
     }
 
     /// Records that the client is alive (a pong, or any frame).
@@ -96,32 +154,43 @@ final class SessionConnection: Sendable {
 
     /// Sends pings every interval until cancelled; closes the connection once the client has missed too many.
     ///
-    /// While the reader waits for a slow handler (`readerBlocked`), the client's pongs sit unread in the socket, so
-    /// those intervals do not count against it.
+    /// While the reader waits for a slow handler (`readerBlocked`) and the socket is writable, the client's pongs sit
+    /// unread in the socket, so those intervals do not count against it. A socket that stays unwritable (the client
+    /// reads nothing, or is gone) counts like missed pongs, whatever the reader does. A ping write never blocks the
+    /// pinger: the next one is skipped while the last is still waiting.
     func runPinger(readerBlocked: @escaping @Sendable () -> Bool) async {
         let interval = configuration.pingInterval
         var sequence: UInt64 = 0
         while !Task.isCancelled {
             do { try await Task.sleep(for: interval) } catch { return }
             if closingCode != nil { return }
-            if readerBlocked() {
+            let writable = channel.isWritable
+            if writable, readerBlocked() {
                 clientIsAlive()
                 continue
             }
-            let missed = state.withLockedValue { state -> Int in
+            let (missed, sendPing) = state.withLockedValue { state -> (Int, Bool) in
                 defer { state.unansweredPings += 1 }
-                return state.unansweredPings
+                let send = !state.pingInFlight
+                if send { state.pingInFlight = true }
+                return (state.unansweredPings, send)
             }
             if missed >= configuration.missedPongLimit {
-                logger.info("closing a connection that missed \(missed) pongs", metadata: ["fleetgate.missed-pongs": "\(missed)"])
+                let what = writable ? "\(missed) pings unanswered" : "the client reads nothing"
+                logger.info("closing a connection: ping timeout, \(what)", metadata: ["fleetgate.missed-pongs": "\(missed)"])
                 // The peer is probably gone: don't wait for its close frame.
-                close(code: GatewayCloseCode.pingTimeout, reason: "ping timeout: \(missed) pings unanswered", waitForAnswer: false)
+                close(code: GatewayCloseCode.pingTimeout, reason: "ping timeout: \(what)", waitForAnswer: false)
                 return
             }
+            guard sendPing else { continue }
             sequence += 1
             var data = channel.allocator.buffer(capacity: 8)
             data.writeInteger(sequence)
-            try? await outbound.write(WebSocketFrame(fin: true, opcode: .ping, data: data))
+            let (outbound, frame, connection) = (outbound, WebSocketFrame(fin: true, opcode: .ping, data: data), self)
+            Task {
+                try? await outbound.write(frame)
+                connection.state.withLockedValue { $0.pingInFlight = false }
+            }
         }
     }
 
@@ -139,10 +208,14 @@ public enum GatewayCloseCode {
     public static let goingAway: UInt16 = 1001
     /// The client broke the WebSocket protocol.
     public static let protocolError: UInt16 = 1002
+    /// The connection ended without a closing handshake (the client vanished); recorded, never sent.
+    public static let abnormal: UInt16 = 1006
     /// A text message was not valid UTF-8.
     public static let invalidData: UInt16 = 1007
-    /// The client missed too many pongs.
+    /// The client missed too many pongs (or read nothing for as long).
     public static let pingTimeout: UInt16 = 1001
+    /// The client broke a rule of this gateway (too many pings).
+    public static let policyViolation: UInt16 = 1008
     /// A message was larger than the limit.
     public static let messageTooBig: UInt16 = 1009
     /// The handler failed.

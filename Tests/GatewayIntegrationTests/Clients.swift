@@ -123,10 +123,15 @@ final class RawSocket: Sendable {
 
     private init(descriptor: Int32) { self.descriptor = descriptor }
 
-    static func connect(port: Int) async throws -> RawSocket {
+    /// Connects to the loopback port; `receiveBuffer` (bytes) shrinks the socket's receive buffer first, for a
+    /// client that is meant to fall behind.
+    static func connect(port: Int, receiveBuffer: Int32? = nil) async throws -> RawSocket {
         let result: Result<Int32, Failure> = await BlockingWork.run {
             let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
             guard fd >= 0 else { return .failure(Failure("socket() failed")) }
+            if var size = receiveBuffer {
+                _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+            }
             var address = sockaddr_in()
             address.sin_family = sa_family_t(AF_INET)
             address.sin_port = in_port_t(UInt16(port).bigEndian)
@@ -168,6 +173,38 @@ final class RawSocket: Sendable {
     }
 
     func close() { Glibc.close(descriptor) }
+
+    /// Closes with a TCP reset (SO_LINGER 0): the peer's next read or write fails, as when a client vanishes.
+    func reset() {
+        var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
+        _ = setsockopt(descriptor, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<Glibc.linger>.size))
+        Glibc.close(descriptor)
+    }
+
+    /// Sends `chunk` over and over, without blocking, until `total` bytes are out or the peer has taken nothing for
+    /// `idle` (it stopped reading, and every buffer on the way is full). Returns how many bytes went out.
+    func flood(_ chunk: [UInt8], total: Int, idle: Duration) async -> Int {
+        let descriptor = descriptor
+        return await BlockingWork.run {
+            let idleMilliseconds = Int32(idle.components.seconds * 1000 + idle.components.attoseconds / 1_000_000_000_000_000)
+            var sent = 0
+            var offset = 0
+            while sent < total {
+                let count = chunk[offset...].withUnsafeBytes {
+                    Glibc.send(descriptor, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT))
+                }
+                if count > 0 {
+                    sent += count
+                    offset = (offset + count) % chunk.count
+                    continue
+                }
+                guard count < 0, errno == EAGAIN || errno == EWOULDBLOCK else { break }
+                var poller = pollfd(fd: descriptor, events: Int16(POLLOUT), revents: 0)
+                if poll(&poller, 1, idleMilliseconds) <= 0 { break }
+            }
+            return sent
+        }
+    }
 }
 
 /// A WebSocket client that completes the upgrade and then does only what the test says: it never answers pings
@@ -179,8 +216,8 @@ final class RawWebSocket: Sendable {
     private init(socket: RawSocket) { self.socket = socket }
 
     /// Connects and upgrades; throws with the HTTP answer if the server refuses.
-    static func connect(port: Int, token: String) async throws -> RawWebSocket {
-        let socket = try await RawSocket.connect(port: port)
+    static func connect(port: Int, token: String, receiveBuffer: Int32? = nil) async throws -> RawWebSocket {
+        let socket = try await RawSocket.connect(port: port, receiveBuffer: receiveBuffer)
         let request =
             "GET /ws HTTP/1.1\r\nHost: 127.0.0.1:\(port)\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
             + "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer \(token)\r\n\r\n"
@@ -244,8 +281,13 @@ final class RawWebSocket: Sendable {
     }
 
     /// Sends a masked frame.
-    func send(opcode: UInt8, payload: [UInt8], fin: Bool = true) throws {
-        var frame: [UInt8] = [(fin ? 0x80 : 0) | opcode]
+    func send(opcode: UInt8, payload: [UInt8], fin: Bool = true, reservedBits: UInt8 = 0) throws {
+        try socket.send(Self.frame(opcode: opcode, payload: payload, fin: fin, reservedBits: reservedBits))
+    }
+
+    /// A masked client frame (payload under 64 KiB); `reservedBits` are RSV1–3 (0x40, 0x20, 0x10).
+    static func frame(opcode: UInt8, payload: [UInt8], fin: Bool = true, reservedBits: UInt8 = 0) -> [UInt8] {
+        var frame: [UInt8] = [(fin ? 0x80 : 0) | reservedBits | opcode]
         if payload.count < 126 {
             frame.append(0x80 | UInt8(payload.count))
         } else {
@@ -255,7 +297,15 @@ final class RawWebSocket: Sendable {
         let mask: [UInt8] = [0x12, 0x34, 0x56, 0x78]
         frame += mask
         frame += payload.enumerated().map { $0.element ^ mask[$0.offset % 4] }
-        try socket.send(frame)
+        return frame
+    }
+
+    /// The close frame the server sent next, skipping other frames; nil if the socket closed without one.
+    func closeFrame(timeout: Duration = .seconds(10)) async throws -> Frame? {
+        while let frame = try await nextFrame(timeout: timeout) {
+            if frame.opcode == 0x8 { return frame }
+        }
+        return nil
     }
 
     func close() { socket.close() }
