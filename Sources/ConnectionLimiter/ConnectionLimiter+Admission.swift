@@ -417,7 +417,11 @@ extension ConnectionLimiter {
                 return (ids.compactMap { id in state.table.connection(id).map { (id, $0) } }, orphans)
             }
             for (id, entry) in pending { await sendRelease(id, entry) }
-            for (connection, orphan) in orphans where await removeMembers([orphan.member], of: orphan.user) {
+            for (connection, orphan) in orphans {
+                // An admission with the same id may have started since the snapshot: its member must stay. (A purge
+                // already on its way can still remove it; the next renewal then re-adds it.)
+                let current = state.withLock { $0.orphans[connection]?.member == orphan.member && $0.table.connection(connection) == nil }
+                guard current, await removeMembers([orphan.member], of: orphan.user) else { continue }
                 state.withLock { state in
                     if state.orphans[connection]?.member == orphan.member { state.orphans[connection] = nil }
                 }

@@ -103,12 +103,13 @@ public struct TokenVerifier: Sendable {
             let found = (header["alg"] as? String).map { "\"\($0)\"" } ?? "no alg"
             throw TokenError(check: .algorithm, message: "the token's algorithm is \(found); this gateway accepts \(algorithm) only")
         }
-        let payload: Claims
+        // The signature first, with no claim read: a forged token learns nothing about our claim checks.
         do {
-            payload = try await keys.verify(token, as: Claims.self)
+            _ = try await keys.verify(token, as: SignatureOnly.self)
         } catch {
             throw TokenError(check: .signature, message: "the signature does not verify with the configured \(algorithm) key")
         }
+        let payload = try Self.claims(of: token)
         let seconds = Double(leeway.components.seconds) + Double(leeway.components.attoseconds) / 1e18
         guard let expiry = payload.exp?.value else {
             throw TokenError(check: .expired, message: "the token has no exp claim")
@@ -144,6 +145,39 @@ public struct TokenVerifier: Sendable {
         return header
     }
 
+    /// The claims of a token whose signature verified; a claim of the wrong type fails its own check.
+    static func claims(of token: String) throws(TokenError) -> Claims {
+        let parts = token.split(separator: ".", omittingEmptySubsequences: false)
+        var base64 = parts[1].replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
+        base64 += String(repeating: "=", count: (4 - base64.count % 4) % 4)
+        guard let data = Data(base64Encoded: base64) else {
+            throw TokenError(check: .malformed, message: "the token's payload is not base64url-encoded")
+        }
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .secondsSince1970  // NumericDate, as jwt-kit reads it
+        do {
+            return try decoder.decode(Claims.self, from: data)
+        } catch let DecodingError.typeMismatch(_, context), let DecodingError.dataCorrupted(context) {
+            switch context.codingPath.first?.stringValue {
+            case "conn_limit"?:
+                throw TokenError(check: .connectionLimit, message: "conn_limit must be an integer between 0 and 1000000")
+            case "sub"?:
+                throw TokenError(check: .subject, message: "the token's sub (user id) must be a string")
+            case let claim?:
+                throw TokenError(check: .malformed, message: "the token's \(claim) claim has the wrong type (exp and nbf are NumericDates)")
+            case nil:
+                throw TokenError(check: .malformed, message: "the token's payload is not a JSON object")
+            }
+        } catch {
+            throw TokenError(check: .malformed, message: "the token's payload cannot be read: \(error)")
+        }
+    }
+
+    /// What the signature check decodes: nothing (claims are read by ``claims(of:)``).
+    struct SignatureOnly: JWTPayload {
+        func verify(using algorithm: some JWTAlgorithm) async throws {}
+    }
+
     /// The claims read from a token; time checks are done by ``verify(_:now:)`` with the leeway.
     struct Claims: JWTPayload {
         var sub: SubjectClaim?
@@ -154,6 +188,21 @@ public struct TokenVerifier: Sendable {
         enum CodingKeys: String, CodingKey {
             case sub, exp, nbf
             case connLimit = "conn_limit"
+        }
+
+        init(from decoder: any Decoder) throws {
+            let container = try decoder.container(keyedBy: CodingKeys.self)
+            sub = try container.decodeIfPresent(SubjectClaim.self, forKey: .sub)
+            exp = try container.decodeIfPresent(ExpirationClaim.self, forKey: .exp)
+            nbf = try container.decodeIfPresent(NotBeforeClaim.self, forKey: .nbf)
+            // A JSON number with no fraction (5 and 5.0 alike); "5", 1.5 and 1e30 are not limits.
+            if container.contains(.connLimit), try !container.decodeNil(forKey: .connLimit) {
+                guard let number = try? container.decode(Double.self, forKey: .connLimit), number == number.rounded(), abs(number) < 1e15 else {
+                    throw DecodingError.typeMismatch(
+                        Int.self, .init(codingPath: [CodingKeys.connLimit], debugDescription: "conn_limit is not an integer"))
+                }
+                connLimit = Int(number)
+            }
         }
 
         func verify(using algorithm: some JWTAlgorithm) async throws {}

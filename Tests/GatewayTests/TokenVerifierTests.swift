@@ -23,6 +23,37 @@ struct TokenVerifierTests {
         return try await keys.sign(claims)
     }
 
+    /// Claims of any JSON type, as a sloppy or hostile issuer might sign them.
+    struct LooseClaims: JWTPayload {
+        struct Key: CodingKey {
+            var stringValue: String
+            var intValue: Int? { nil }
+            init(stringValue: String) { self.stringValue = stringValue }
+            init?(intValue: Int) { nil }
+        }
+        enum Value { case string(String), number(Double) }
+        var fields: [String: Value]
+
+        init(_ fields: [String: Value]) { self.fields = fields }
+        init(from decoder: any Decoder) throws { fields = [:] }
+        func encode(to encoder: any Encoder) throws {
+            var container = encoder.container(keyedBy: Key.self)
+            for (name, value) in fields {
+                switch value {
+                case .string(let text): try container.encode(text, forKey: Key(stringValue: name))
+                case .number(let number): try container.encode(number, forKey: Key(stringValue: name))
+                }
+            }
+        }
+        func verify(using algorithm: some JWTAlgorithm) async throws {}
+    }
+
+    private func sign(loose claims: LooseClaims) async throws -> String {
+        let keys = JWTKeyCollection()
+        await keys.add(hmac: HMACKey(from: secret), digestAlgorithm: .sha256)
+        return try await keys.sign(claims)
+    }
+
     private func base64url(_ text: String) -> String {
         Data(text.utf8).base64EncodedString().replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_")
             .replacingOccurrences(of: "=", with: "")
@@ -63,6 +94,20 @@ struct TokenVerifierTests {
         try await expectRefusal(anonymous, .subject)
         let huge = try await sign(Claims(sub: "a", exp: .init(value: Date().addingTimeInterval(60)), conn_limit: 2_000_000))
         try await expectRefusal(huge, .connectionLimit)
+    }
+
+    @Test("a signed claim of the wrong type fails its own check, not the signature's")
+    func wrongClaimTypes() async throws {
+        let later = LooseClaims.Value.number(Date().addingTimeInterval(600).timeIntervalSince1970)
+        try await expectRefusal(
+            try await sign(loose: LooseClaims(["sub": .string("a"), "exp": later, "conn_limit": .string("5")])), .connectionLimit)
+        try await expectRefusal(
+            try await sign(loose: LooseClaims(["sub": .string("a"), "exp": later, "conn_limit": .number(1.5)])), .connectionLimit)
+        try await expectRefusal(try await sign(loose: LooseClaims(["sub": .number(42), "exp": later])), .subject)
+        try await expectRefusal(try await sign(loose: LooseClaims(["sub": .string("a"), "exp": .string("tomorrow")])), .malformed)
+        let fine = try await sign(loose: LooseClaims(["sub": .string("a"), "exp": later, "conn_limit": .number(5)]))
+        let identity = try await TokenVerifier(key: .hs256(secret: secret)).verify(fine)
+        #expect(identity == GatewayIdentity(user: "a", connectionLimit: 5))
     }
 
     @Test("ES256 with a PEM public key: its tokens pass, an HS256 token signed with the PEM text as secret does not")
