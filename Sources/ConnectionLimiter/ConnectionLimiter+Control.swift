@@ -119,9 +119,11 @@ extension ConnectionLimiter {
         done?.resume()
     }
 
-    /// Tells the owner of `member` to close it (evict-oldest, operator kick); a local one is announced directly.
+    /// Tells the owner of `member` to close it (evict-oldest, operator kick); a local one is announced directly. A
+    /// member written under one of this process's earlier incarnations is local too (nobody listens on its channel).
     func kick(_ member: Member, user: UserID, reason: LimiterEvent.KickReason = .evicted) async {
-        if member.node == nodeID {
+        let local = state.withLock { $0.node == member.node || $0.previousIncarnations.contains(member.node) }
+        if local {
             guard state.withLock({ removeLocally(member.connection, from: &$0) }) != nil else { return }
             metrics.evictedKicked.increment()
             emit(.kick(connection: member.connection, user: user.rawValue, reason: reason))
