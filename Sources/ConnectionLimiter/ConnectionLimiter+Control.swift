@@ -55,6 +55,8 @@ extension ConnectionLimiter {
             metrics.evictedKicked.increment()
             let reason: LimiterEvent.KickReason = parts.count >= 3 && parts[2] == "operator" ? .operatorRequest : .evicted
             emit(.kick(connection: connection, user: entry.user.rawValue, reason: reason))
+            // The sender removed the entry, but a renewal of ours may have put it back since: remove it again.
+            if let held = entry.node { await removeMembers([Member(node: held, connection: connection).text], of: entry.user) }
         default:
             nodeLogger(node).debug("ignored control message", metadata: ["fleetgate.message": "\(text.prefix(100))"])
         }
@@ -124,9 +126,11 @@ extension ConnectionLimiter {
     func kick(_ member: Member, user: UserID, reason: LimiterEvent.KickReason = .evicted) async {
         let local = state.withLock { $0.node == member.node || $0.previousIncarnations.contains(member.node) }
         if local {
-            guard state.withLock({ removeLocally(member.connection, from: &$0) }) != nil else { return }
+            guard let entry = state.withLock({ removeLocally(member.connection, from: &$0) }) else { return }
             metrics.evictedKicked.increment()
             emit(.kick(connection: member.connection, user: user.rawValue, reason: reason))
+            // The caller removed the entry, but a renewal may have put it back since: remove it again.
+            if let held = entry.node { await removeMembers([Member(node: held, connection: member.connection).text], of: user) }
         } else {
             let word = reason == .operatorRequest ? "operator" : "evicted"
             _ = try? await redis.publish("kick \(member.connection) \(word)", to: keys.control(member.node))
