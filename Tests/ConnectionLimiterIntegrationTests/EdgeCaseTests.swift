@@ -8,14 +8,6 @@ import Testing
 /// Races and edge paths found in review: each test failed before its fix.
 @Suite("Edge paths: fencing races, re-admission, dry run, users index, shutdown, errors", .timeLimit(.minutes(2)))
 struct EdgeCaseTests {
-    /// Whether `node`'s lease has run out in Redis (its registry score is in the past, or it is gone).
-    static let leaseExpiredScript = """
-        local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-        if not score then return 1 end
-        local t = redis.call('TIME')
-        return tonumber(score) <= tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) and 1 or 0
-        """
-
     @Test("an admission that times out after its node fenced itself is refused, not admitted on the local count")
     func noAdmissionAfterFence() async throws {
         try await RedisServer.withServer { server throws in
@@ -68,7 +60,7 @@ struct EdgeCaseTests {
             proxy.stall()
             let expired = try await withClient(server.url) { redis in
                 try await eventually {
-                    try await redis.send("EVAL", Self.leaseExpiredScript, 1, "\(configuration.keyPrefix):nodes", first).int == 1
+                    try await leaseHasRunOut(redis, configuration, node: first)
                 }
             }
             try #require(expired)
@@ -165,15 +157,7 @@ struct EdgeCaseTests {
         try await node.limiter.mustAdmit("released", "r1", limit: 5)
         let events = LimiterEvents(node.limiter)
         try await node.limiter.kick(user: "kicked", node: node.limiter.nodeID, connection: "k1")
-        var kick: LimiterEvent?
-        // Other events (Redis slow under the whole suite's load) may come first.
-        while let event = await events.next() {
-            if case .kick = event {
-                kick = event
-                break
-            }
-        }
-        #expect(kick == .kick(connection: "k1", user: "kicked", reason: .operatorRequest))
+        #expect(await events.nextKick() == .kick(connection: "k1", user: "kicked", reason: .operatorRequest))
         await node.limiter.release(connection: "r1")
         let index = "\(configuration.keyPrefix):{n:\(node.limiter.nodeID)}:users"
         let empty = await eventually { (try? await server.cli("SCARD", index)) == "0" }

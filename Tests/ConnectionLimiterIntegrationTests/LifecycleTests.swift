@@ -107,15 +107,6 @@ struct LifecycleTests {
 
 @Suite("Lease loss at scale", .timeLimit(.minutes(2)))
 struct LeaseLossAtScaleTests {
-    /// 1 when node `ARGV[1]`'s lease in the registry `KEYS[1]` has run out on Redis's clock (or the node is gone), as
-    /// heartbeat.lua decides it.
-    static let leaseExpiredScript = """
-        local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-        if not score then return 1 end
-        local t = redis.call('TIME')
-        return tonumber(score) <= tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) and 1 or 0
-        """
-
     @Test("a node with 3,000 connections that loses its lease re-registers once and gets every connection back")
     func reregistrationAtScale() async throws {
         try await RedisServer.withServer { server throws in
@@ -154,7 +145,7 @@ struct LeaseLossAtScaleTests {
             // would keep its id, and the re-registration this test waits for would never come.
             let expired = try await withClient(server.url) { redis in
                 try await eventually {
-                    try await redis.send("EVAL", Self.leaseExpiredScript, 1, "\(configuration.keyPrefix):nodes", first).int == 1
+                    try await leaseHasRunOut(redis, configuration, node: first)
                 }
             }
             try #require(expired, "Redis still holds the lease of node \(first) after the stall")

@@ -39,13 +39,7 @@ struct PolicyTests {
         let admission = try await b.limiter.mustAdmit("jack", "newest")
         #expect(admission.evicted == "\(a.limiter.nodeID):oldest")
         // Node a hears the kick over its control channel.
-        var kicked: LimiterEvent?
-        while let event = await events.next() {
-            if case .kick = event {
-                kicked = event
-                break
-            }
-        }
+        let kicked = await events.nextKick()
         // Usually the eviction's own kick; a lease renewal that runs first finds the entry gone and kicks it as lost
         // (a race between the renewal and the control message). Either way the node is told to close it.
         #expect(
@@ -254,13 +248,7 @@ struct InspectionTests {
 
         let events = LimiterEvents(b.limiter)
         try await a.limiter.kick(user: "nora", node: b.limiter.nodeID, connection: "n2")
-        var kicked: LimiterEvent?
-        while let event = await events.next() {
-            if case .kick = event {
-                kicked = event
-                break
-            }
-        }
+        let kicked = await events.nextKick()
         #expect(kicked == .kick(connection: "n2", user: "nora", reason: .operatorRequest))
         // b's renewal (every second here) may have re-added n2 between the operator's removal and the kick; b removes
         // it again when it closes the connection, well before the 3 s lease could end it.

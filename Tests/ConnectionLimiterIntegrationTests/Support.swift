@@ -139,6 +139,28 @@ struct LimiterEvents: Sendable {
     }
 }
 
+/// Whether `node`'s lease in the registry has run out on Redis's clock (or the node is gone), as heartbeat.lua
+/// decides it.
+func leaseHasRunOut(_ redis: RedisClient, _ configuration: LimiterConfiguration, node: String) async throws -> Bool {
+    let script = """
+        local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+        if not score then return 1 end
+        local t = redis.call('TIME')
+        return tonumber(score) <= tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) and 1 or 0
+        """
+    return try await redis.send("EVAL", script, 1, "\(configuration.keyPrefix):nodes", node).int == 1
+}
+
+extension LimiterEvents {
+    /// The next kick, skipping other events (Redis down/up under load, re-registrations); nil as ``next()``.
+    func nextKick(sourceLocation: SourceLocation = #_sourceLocation) async -> LimiterEvent? {
+        while let event = await next(sourceLocation: sourceLocation) {
+            if case .kick = event { return event }
+        }
+        return nil
+    }
+}
+
 /// The key of a user's connection set for a test prefix (`t:abc:` → `t:abc:{u:alice}:conns`).
 func connsKey(_ configuration: LimiterConfiguration, _ user: String) -> String {
     "\(configuration.keyPrefix):{u:\(user)}:conns"
