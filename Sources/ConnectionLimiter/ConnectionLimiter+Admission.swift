@@ -106,6 +106,13 @@ extension ConnectionLimiter {
                 // stay open either.
                 state.withLock { _ = removeLocally(connection, from: &$0) }
                 await removeMembers([member], of: user)
+                // What the script evicted for it is gone from Redis all the same: its owners must close those.
+                if reply.status == .evicted {
+                    for evicted in reply.extra.compactMap({ Member($0) }) {
+                        metrics.evictedTrimmed.increment()
+                        await kick(evicted, user: user)
+                    }
+                }
                 throw fencedError(node: entry.node, user: user, connection: connection)
             }
             return await finishAdmission(user: user, connection: connection, node: entry.node, reply: reply)

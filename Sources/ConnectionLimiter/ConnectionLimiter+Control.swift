@@ -124,9 +124,16 @@ extension ConnectionLimiter {
     /// Tells the owner of `member` to close it (evict-oldest, operator kick); a local one is announced directly. A
     /// member written under one of this process's earlier incarnations is local too (nobody listens on its channel).
     func kick(_ member: Member, user: UserID, reason: LimiterEvent.KickReason = .evicted) async {
-        let local = state.withLock { $0.node == member.node || $0.previousIncarnations.contains(member.node) }
+        let (local, removed) = state.withLock { state -> (Bool, LocalTable.Connection?) in
+            guard state.node == member.node || state.previousIncarnations.contains(member.node) else { return (false, nil) }
+            // Only the connection held under exactly this member (or not held in Redis yet) is the one to close: a
+            // stale member of an earlier incarnation, whose connection was re-admitted under the current id since,
+            // is already gone with the caller's removal.
+            if let held = state.table.connection(member.connection)?.node, held != member.node { return (true, nil) }
+            return (true, removeLocally(member.connection, from: &state))
+        }
         if local {
-            guard let entry = state.withLock({ removeLocally(member.connection, from: &$0) }) else { return }
+            guard let entry = removed else { return }
             metrics.evictedKicked.increment()
             emit(.kick(connection: member.connection, user: user.rawValue, reason: reason))
             // The caller removed the entry, but a renewal may have put it back since: remove it again.

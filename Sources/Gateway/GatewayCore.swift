@@ -63,19 +63,21 @@ final class GatewayCore: Sendable {
 
     // MARK: Admission at the upgrade
 
+    private func shuttingDown() -> UpgradeDecision {
+        metrics.upgrades(.draining)
+        return .refuse(
+            Refusal(
+                status: .serviceUnavailable, headers: [.retryAfter: "1"],
+                body: JSON.object(["error": "shutting_down", "message": "this node is shutting down; connect to another node"])))
+    }
+
     /// Decides an upgrade request: path, token, node cap, then the limiter.
     func decide(head: HTTPRequestHead, channel: any Channel) async -> UpgradeDecision {
         let (path, query) = Self.split(head.uri)
         guard path == "/ws" else {
             return .refuse(Refusal(status: .notFound, body: JSON.object(["error": "not_found", "message": "WebSockets are served at /ws"])))
         }
-        if isDraining {
-            metrics.upgrades(.draining)
-            return .refuse(
-                Refusal(
-                    status: .serviceUnavailable, headers: [.retryAfter: "1"],
-                    body: JSON.object(["error": "shutting_down", "message": "this node is shutting down; connect to another node"])))
-        }
+        if isDraining { return shuttingDown() }
         let identity: GatewayIdentity
         do {
             identity = try await verifier.verify(Self.token(head: head, query: query))
@@ -89,11 +91,15 @@ final class GatewayCore: Sendable {
         }
 
         let id = ConnectionLimiter.makeConnectionID()
-        let reserved = state.withLockedValue { state -> Bool in
-            guard state.entries.count < configuration.maxConnections else { return false }
+        // Checked again with the reservation: a drain that began during the token check must not see the table grow
+        // after it found it empty.
+        let (reserved, draining) = state.withLockedValue { state -> (Bool, Bool) in
+            guard !state.draining else { return (false, true) }
+            guard state.entries.count < configuration.maxConnections else { return (false, false) }
             state.entries[id] = Entry(user: identity.user)
-            return true
+            return (true, false)
         }
+        if draining { return shuttingDown() }
         guard reserved else {
             metrics.upgrades(.nodeFull)
             logger.warning("node at its connection cap", metadata: ["fleetgate.cap": "\(configuration.maxConnections)"])

@@ -154,29 +154,28 @@ final class SessionConnection: Sendable {
 
     /// Sends pings every interval until cancelled; closes the connection once the client has missed too many.
     ///
-    /// While the reader waits for a slow handler (`readerBlocked`) and the socket is writable, the client's pongs sit
-    /// unread in the socket, so those intervals do not count against it. A socket that stays unwritable (the client
-    /// reads nothing, or is gone) counts like missed pongs, whatever the reader does. A ping write never blocks the
-    /// pinger: the next one is skipped while the last is still waiting.
+    /// While the reader waits for a slow handler (`readerBlocked`), the client's pongs sit unread in the socket, so
+    /// those intervals do not count against it — unless the last ping is still unwritten a whole interval later: the
+    /// socket stayed unwritable (the client reads nothing, or is gone), which counts like a missed pong whatever the
+    /// reader does. A ping write never blocks the pinger: no new ping while the last one waits.
     func runPinger(readerBlocked: @escaping @Sendable () -> Bool) async {
         let interval = configuration.pingInterval
         var sequence: UInt64 = 0
         while !Task.isCancelled {
             do { try await Task.sleep(for: interval) } catch { return }
             if closingCode != nil { return }
-            let writable = channel.isWritable
-            if writable, readerBlocked() {
-                clientIsAlive()
-                continue
-            }
-            let (missed, sendPing) = state.withLockedValue { state -> (Int, Bool) in
+            // The last ping still unwritten a whole interval later: the socket stayed unwritable (the client reads
+            // nothing). Otherwise a reader waiting for a slow handler leaves the client's pongs unread: no count.
+            let blocked = readerBlocked()
+            let (missed, sendPing, stuck) = state.withLockedValue { state -> (Int, Bool, Bool) in
+                let stuck = state.pingInFlight
+                if blocked && !stuck { state.unansweredPings = 0 }
                 defer { state.unansweredPings += 1 }
-                let send = !state.pingInFlight
-                if send { state.pingInFlight = true }
-                return (state.unansweredPings, send)
+                if !stuck { state.pingInFlight = true }
+                return (state.unansweredPings, !stuck, stuck)
             }
             if missed >= configuration.missedPongLimit {
-                let what = writable ? "\(missed) pings unanswered" : "the client reads nothing"
+                let what = stuck ? "the client reads nothing" : "\(missed) pings unanswered"
                 logger.info("closing a connection: ping timeout, \(what)", metadata: ["fleetgate.missed-pongs": "\(missed)"])
                 // The peer is probably gone: don't wait for its close frame.
                 close(code: GatewayCloseCode.pingTimeout, reason: "ping timeout: \(what)", waitForAnswer: false)

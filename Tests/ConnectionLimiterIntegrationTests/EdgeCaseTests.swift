@@ -86,6 +86,39 @@ struct EdgeCaseTests {
         }
     }
 
+    @Test("an operator kick of a stale member of an earlier incarnation leaves the re-admitted live connection alone")
+    func kickOfStaleIncarnationMember() async throws {
+        try await RedisServer.withServer { server throws in
+            let proxy = try await TCPProxy.start(upstreamPort: server.port)
+            let configuration = testConfiguration(limit: 5) {
+                $0.lease.ttl = .seconds(30)
+                $0.lease.renewInterval = .seconds(10)
+            }
+            let node = try await LimiterNode.start(proxy.url, configuration)
+            try await node.limiter.mustAdmit("eve", "a1")
+            let events = LimiterEvents(node.limiter)
+            let first = node.limiter.nodeID
+            proxy.stall()
+            let expired = try await withClient(server.url) { redis in
+                try await eventually { try await leaseHasRunOut(redis, configuration, node: first) }
+            }
+            try #require(expired)
+            proxy.restore()
+            while let event = await events.next() {
+                if case .reregistered(let node, _, _) = event, node != first { break }
+            }
+            let second = node.limiter.nodeID
+            // The earlier incarnation's member may still be in Redis (under the limit nothing drops it before the sweep)
+            // or swept already; either way the kick names a member that is not the live connection's.
+            try await node.limiter.kick(user: "eve", node: first, connection: "a1")
+            let after = try await node.limiter.entries(user: "eve").map { "\($0.node):\($0.connection)" }
+            #expect(after == ["\(second):a1"])
+            #expect(node.limiter.localConnectionCount == 1, "the live a1 (held as \(second):a1) was closed")
+            await node.stop()
+            await proxy.stop()
+        }
+    }
+
     @Test("dry run never closes: connections admitted on the local count are all re-added by the renewal, over the limit")
     func dryRunRenewalNeverKicks() async throws {
         try await RedisServer.withServer { server throws in
