@@ -17,6 +17,9 @@ final class SessionConnection: Sendable {
         var closeTimer: Scheduled<Void>?
         /// Writes our close frame (and, without waiting for an answer, closes the socket after it).
         var closeWrite: Task<Void, Never>?
+        /// Data frames being written; our close frame waits for them (no data frame may follow it, RFC 6455 §5.5.1).
+        var dataWritesInFlight = 0
+        var closeWaitingForData: CheckedContinuation<Void, Never>?
         /// Whether a pong write is in flight; `nextPong` holds the latest ping's data to answer after it.
         var pongInFlight = false
         var nextPong: ByteBuffer?
@@ -46,13 +49,39 @@ final class SessionConnection: Sendable {
     /// The code we are closing with, if we are.
     var closingCode: UInt16? { state.withLockedValue { $0.closingWith } }
 
-    /// Sends a data frame unless the connection is closing.
+    /// Sends a data frame unless the connection is closing. A close started meanwhile writes its frame after this one.
     func send(opcode: WebSocketOpcode, data: ByteBuffer) async throws {
-        if let code = closingCode { throw GatewaySessionClosed(code: code) }
+        let closing = state.withLockedValue { state -> UInt16? in
+            if let code = state.closingWith { return code }
+            state.dataWritesInFlight += 1
+            return nil
+        }
+        if let closing { throw GatewaySessionClosed(code: closing) }
+        defer {
+            let waiter = state.withLockedValue { state -> CheckedContinuation<Void, Never>? in
+                state.dataWritesInFlight -= 1
+                guard state.dataWritesInFlight == 0 else { return nil }
+                defer { state.closeWaitingForData = nil }
+                return state.closeWaitingForData
+            }
+            waiter?.resume()
+        }
         do {
             try await outbound.write(WebSocketFrame(fin: true, opcode: opcode, data: data))
         } catch {
             throw GatewaySessionClosed(code: closingCode ?? 1006)
+        }
+    }
+
+    /// Returns once no data frame is being written (new ones are refused once closing).
+    private func dataWritesFinished() async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let now = state.withLockedValue { state -> Bool in
+                if state.dataWritesInFlight == 0 { return true }
+                state.closeWaitingForData = continuation
+                return false
+            }
+            if now { continuation.resume() }
         }
     }
 
@@ -134,6 +163,8 @@ final class SessionConnection: Sendable {
             guard state.closingWith == nil else { return }
             state.closingWith = code
             state.closeWrite = Task {
+                // A data write that began before this close goes first (the close timer bounds the wait).
+                await self.dataWritesFinished()
                 try? await outbound.write(frame)
                 outbound.finish()
                 if !waitForAnswer { try? await channel.close() }
