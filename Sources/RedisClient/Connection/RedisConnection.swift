@@ -52,6 +52,8 @@ final class RedisConnection: Sendable {
         /// The last error reply on the current connection (the reason, if the server hangs up right after).
         var lastErrorReply: String?
         var lastConnectError: RedisError?
+        /// Why this side closed the current channel (a stuck peer, a protocol violation), for the requests it fails.
+        var closeReason: String?
     }
 
     let configuration: RedisClientConfiguration
@@ -245,13 +247,22 @@ final class RedisConnection: Sendable {
             )? in
             guard generation == state.timerGeneration else { return nil }
             state.timerDeadline = nil
-            let (expired, next) = state.queue.expire(now: now)
+            let (expired, next) = state.queue.expire(now: now) { waiter in
+                if case .discard = waiter { return true }
+                return false
+            }
             let rearm = next.flatMap { Self.armTimer(&state, deadline: $0) }
             let connected: Bool
             var stuck: (any Channel)? = nil
             if case .ready(let channel) = state.phase {
                 connected = true
-                if expired.contains(where: { $0.1 == .inflight }), now - state.lastReplyAt >= stuckAfter { stuck = channel }
+                // Stuck: the request the server is working on (the oldest in flight) is past its own deadline and no
+                // reply came for a whole command timeout. A long request at the head (BLPOP with a long timeout, a slow
+                // script) with short ones behind it is not a stuck peer.
+                if let head = state.queue.oldestInflightDeadline, head <= now, now - state.lastReplyAt >= stuckAfter {
+                    stuck = channel
+                    state.closeReason = "closed by the client: no reply for \(configuration.commandTimeout) (stuck or half-open peer)"
+                }
             } else {
                 connected = false
             }
@@ -278,6 +289,12 @@ final class RedisConnection: Sendable {
             case .pending:
                 error = RedisError(
                     code: .timeout, message: "no connection to Redis at \(address) before the request's deadline (command timeout \(timeout))",
+                    address: address)
+            case .behindDropped:
+                error = RedisError(
+                    code: .connectionLost,
+                    message:
+                        "not sent to Redis at \(address): a command queued before it without waiting for its reply could not be sent before its deadline",
                     address: address)
             }
             Self.fail([waiter], with: error)
@@ -355,6 +372,9 @@ final class RedisConnection: Sendable {
         }
         if unexpected {
             logger.debug("reply without a request; closing the connection")
+            state.withLockedValue { state in
+                if state.phase.channel === channel { state.closeReason = "closed by the client: Redis sent a reply no request was waiting for" }
+            }
             channel.close(promise: nil)
         }
     }
@@ -369,13 +389,14 @@ final class RedisConnection: Sendable {
 
     /// The channel closed (or failed): every in-flight request fails with an error naming the cause.
     func channelClosed(_ channel: any Channel, cause: (any Error)?) {
-        let waiters = state.withLockedValue { state -> [Waiter] in
-            guard state.phase.channel === channel else { return [] }
+        let (waiters, reason) = state.withLockedValue { state -> ([Waiter], String?) in
+            guard state.phase.channel === channel else { return ([], nil) }
             state.phase = .connecting
             state.flushScheduled = false
-            return state.queue.failInflight()
+            defer { state.closeReason = nil }
+            return (state.queue.failInflight(), state.closeReason)
         }
-        let because = cause.map { "\($0)" } ?? "the server closed the connection"
+        let because = cause.map { "\($0)" } ?? reason ?? "the server closed the connection"
         if !waiters.isEmpty || cause != nil {
             logger.debug("connection lost", metadata: ["error": "\(because)", "redis.failed-requests": "\(waiters.count)"])
         }
@@ -554,13 +575,21 @@ final class RedisConnection: Sendable {
         let ids = commands.map { _ in nextID.wrappingAdd(1, ordering: .relaxed).newValue }
         let results = try await withUnsafeThrowingContinuation { (continuation: UnsafeContinuation<[Result<RESPValue, RedisError>], any Error>) in
             let collector = PipelineCollector(count: commands.count, continuation: continuation, address: address)
-            let timer = state.withLockedValue { state -> (NIODeadline, UInt64)? in
+            let timer = state.withLockedValue { state -> (NIODeadline, UInt64)?? in
+                // The channel may have closed (and the phase moved on) since it was published: nothing of it may
+                // enter the queue, or the next connection's replies would be matched against it.
+                guard state.phase.channel === channel else { return .none }
                 for (index, id) in ids.enumerated() {
                     state.queue.enqueueWritten(id: id, deadline: deadline, waiter: .batch(collector, index))
                 }
-                return Self.armTimer(&state, deadline: deadline)
+                return .some(Self.armTimer(&state, deadline: deadline))
             }
-            if let timer { schedule(timer: timer) }
+            guard case .some(let armed) = timer else {
+                collector.fail(
+                    RedisError(code: .connectionLost, message: "Redis at \(address) closed the connection during set-up", address: address))
+                return
+            }
+            if let armed { schedule(timer: armed) }
             channel.writeAndFlush(buffer, promise: nil)
         }
         for (command, result) in zip(commands, results) {
@@ -645,10 +674,13 @@ final class PipelineCollector: Sendable {
 }
 
 extension TimeAmount {
-    /// The same span as a NIO time amount (nanosecond precision).
+    /// The same span as a NIO time amount (nanosecond precision), saturating at about ±292 years instead of
+    /// overflowing (a caller's "practically forever" timeout must not crash the process).
     init(_ duration: Duration) {
         let (seconds, attoseconds) = duration.components
-        self = .nanoseconds(seconds * 1_000_000_000 + attoseconds / 1_000_000_000)
+        let (nanoseconds, overflow) = seconds.multipliedReportingOverflow(by: 1_000_000_000)
+        let (total, overflowAgain) = nanoseconds.addingReportingOverflow(attoseconds / 1_000_000_000)
+        self = .nanoseconds(overflow || overflowAgain ? (seconds < 0 ? .min : .max) : total)
     }
 }
 

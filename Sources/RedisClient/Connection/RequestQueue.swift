@@ -27,7 +27,12 @@ struct RequestQueue<Waiter> {
     }
 
     /// Where an expired or removed waiter was.
-    enum Place { case pending, inflight }
+    enum Place {
+        case pending, inflight
+        /// Pending, and queued behind an expired command sent without waiting for its reply: dropped with it, so
+        /// nothing that relied on that command's effect goes out without it.
+        case behindDropped
+    }
 
     private var pending = CircularBuffer<Entry>()
     private var pendingBytes: ByteBuffer
@@ -43,6 +48,8 @@ struct RequestQueue<Waiter> {
     var pendingCount: Int { pending.count }
     /// Requests written and waiting for a reply (including abandoned ones whose reply is still due).
     var inflightCount: Int { inflight.count }
+    /// The deadline of the oldest in-flight request (the one the server is working on), abandoned or not.
+    var oldestInflightDeadline: NIODeadline? { inflight.first?.deadline }
 
     /// Adds a request with its encoded bytes to the pending queue.
     mutating func enqueue(id: UInt64, deadline: NIODeadline, waiter: Waiter, bytes: UnsafeRawBufferPointer) {
@@ -91,8 +98,12 @@ struct RequestQueue<Waiter> {
     }
 
     /// Removes every request whose deadline is at or before `now`: pending ones are dropped (never sent), in-flight
-    /// ones are abandoned (their reply will be discarded). Returns them and the earliest remaining deadline.
-    mutating func expire(now: NIODeadline) -> (expired: [(Waiter, Place)], nextDeadline: NIODeadline?) {
+    /// ones are abandoned (their reply will be discarded). A dropped pending request for which `ordersFollowers` is
+    /// true (a command sent without waiting for its reply, whose effect later commands may rely on) takes every
+    /// pending request behind it along. Returns them and the earliest remaining deadline.
+    mutating func expire(
+        now: NIODeadline, ordersFollowers: (Waiter) -> Bool = { _ in false }
+    ) -> (expired: [(Waiter, Place)], nextDeadline: NIODeadline?) {
         var expired: [(Waiter, Place)] = []
         var next: NIODeadline? = nil
         for index in inflight.indices {
@@ -106,9 +117,13 @@ struct RequestQueue<Waiter> {
         }
         if pending.contains(where: { $0.deadline <= now }) {
             var kept = CircularBuffer<Entry>(initialCapacity: pending.count)
+            var cut = false
             for entry in pending {
-                if entry.deadline <= now, let waiter = entry.waiter {
+                if cut, let waiter = entry.waiter {
+                    expired.append((waiter, .behindDropped))
+                } else if entry.deadline <= now, let waiter = entry.waiter {
                     expired.append((waiter, .pending))
+                    cut = ordersFollowers(waiter)
                 } else {
                     kept.append(entry)
                 }

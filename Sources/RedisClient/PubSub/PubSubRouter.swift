@@ -20,8 +20,16 @@ final class PubSubRouter: Sendable {
         var continuation: CheckedContinuation<Void, any Error>
     }
 
+    /// A (P)SUBSCRIBE written on the current connection and not fully confirmed yet. Redis answers commands in
+    /// order: one confirmation per topic, or one error reply (`NOPERM`) for the whole command.
+    private struct SentSubscribe {
+        var topics: [Topic]
+        var unconfirmed: Int
+    }
+
     private struct State {
         var subscribers: [UInt64: Subscriber] = [:]
+        var sent: [SentSubscribe] = []
         var listeners: [Topic: Set<UInt64>] = [:]
         var confirmed: Set<Topic> = []
         var confirmations: [UInt64: Confirmation] = [:]
@@ -97,7 +105,7 @@ final class PubSubRouter: Sendable {
             // Written under the lock, so (UN)SUBSCRIBEs of concurrent callers reach the server in the order in which
             // they changed the listeners.
             if let channel = state.channel, let connection, !newTopics.isEmpty {
-                for command in Self.commands(for: newTopics, subscribe: true) { connection.write(command, to: channel) }
+                Self.writeSubscribe(newTopics, on: channel, with: connection, state: &state)
             }
             return (id, wake)
         }
@@ -168,9 +176,10 @@ final class PubSubRouter: Sendable {
         let count = state.withLock { state -> Int in
             state.channel = channel
             state.confirmed = []
+            state.sent = []
             let topics = Array(state.listeners.keys)
             if let connection, !topics.isEmpty {
-                for command in Self.commands(for: topics, subscribe: true) { connection.write(command, to: channel) }
+                Self.writeSubscribe(topics, on: channel, with: connection, state: &state)
             }
             return topics.count
         }
@@ -208,6 +217,10 @@ final class PubSubRouter: Sendable {
 
     private func confirm(_ topic: Topic) {
         let ready = state.withLock { state -> [CheckedContinuation<Void, any Error>] in
+            if !state.sent.isEmpty {
+                state.sent[0].unconfirmed -= 1
+                if state.sent[0].unconfirmed <= 0 { state.sent.removeFirst() }
+            }
             guard state.listeners[topic] != nil else { return [] }
             state.confirmed.insert(topic)
             var ready: [CheckedContinuation<Void, any Error>] = []
@@ -225,15 +238,32 @@ final class PubSubRouter: Sendable {
         for continuation in ready { continuation.resume() }
     }
 
-    /// The server refused a (P)SUBSCRIBE (for example `NOPERM`): every subscription still waiting for its
-    /// confirmation fails with that error and is removed, so it is not re-sent on every reconnect.
+    /// The server refused the oldest unconfirmed (P)SUBSCRIBE (for example `NOPERM`): the subscriptions that listen to
+    /// one of its topics fail with that error (or, after a reconnect, end) and are removed, so the command is not
+    /// re-sent on every reconnect. Subscriptions to other topics are not affected.
     private func refuse(_ error: RedisError) {
-        let waiting = state.withLock { Array($0.confirmations.keys) }
-        logger.debug("subscription refused", metadata: ["error": "\(error.message)"])
-        for id in waiting {
+        let refused = state.withLock { state -> Set<Topic> in
+            state.sent.isEmpty ? [] : Set(state.sent.removeFirst().topics)
+        }
+        let victims = state.withLock { state in
+            state.subscribers.filter { !refused.isDisjoint(with: $0.value.topics) }.map(\.key)
+        }
+        logger.warning(
+            "subscription refused", metadata: ["error": "\(error.message)", "redis.topics": "\(refused.map(\.name).sorted())"])
+        for id in victims {
             let confirmation = state.withLock { $0.confirmations.removeValue(forKey: id) }
             remove(id)
             confirmation?.continuation.resume(throwing: error)
+        }
+    }
+
+    /// Writes the (P)SUBSCRIBE commands for `topics` and records them for ``refuse(_:)`` (under the state lock).
+    private static func writeSubscribe(_ topics: [Topic], on channel: any Channel, with connection: RedisConnection, state: inout State) {
+        for command in commands(for: topics, subscribe: true) {
+            let isPattern = command.name == "PSUBSCRIBE"
+            let sent = topics.filter { $0.isPattern == isPattern }
+            state.sent.append(SentSubscribe(topics: sent, unconfirmed: sent.count))
+            connection.write(command, to: channel)
         }
     }
 

@@ -1,0 +1,79 @@
+import Foundation
+import RedisClient
+import TestSupport
+import Testing
+
+/// Deadlines, ordering and pub/sub refusals: cases found in review, each failed before its fix.
+@Suite("Deadlines, ordering and refusals", .timeLimit(.minutes(2)))
+struct OrderingTests {
+    @Test("a refused SUBSCRIBE fails only the subscriptions to its topics, not another one waiting at the same time")
+    func refusalIsAttributed() async throws {
+        try await RedisServer.withServer { server throws in
+            _ = try await server.cli("ACL", "SETUSER", "limited", "on", ">pw", "~*", "+@all", "resetchannels", "&ok-*")
+            let proxy = try await TCPProxy.start(upstreamPort: server.port)
+            try await withClient("redis://limited:pw@\(proxy.address)") { client throws in
+                _ = try await client.subscribe(to: ["ok-warm"])  // the pub/sub connection is up
+                // 100 ms each way: both SUBSCRIBEs are written before the first answer comes back.
+                proxy.delay(.milliseconds(100))
+                let forbidden = Task { try await client.subscribe(to: ["forbidden"]) }
+                // Not a wait for an event: it only orders the two writes (forbidden first), 70 ms inside the delay.
+                try await Task.sleep(for: .milliseconds(30))
+                let permitted = try await client.subscribe(to: ["ok-a"])
+                let refusal = await #expect(throws: RedisError.self) { _ = try await forbidden.value }
+                #expect(refusal?.serverErrorPrefix == "NOPERM", "\(String(describing: refusal))")
+                proxy.delay(.zero)
+                #expect(try await client.publish("hello", to: "ok-a") == 1)
+                var iterator = permitted.makeAsyncIterator()
+                #expect(await iterator.next()?.string == "hello")
+            }
+            await proxy.stop()
+        }
+    }
+
+    @Test("a short request timing out behind a long one does not close the connection under the long one")
+    func longRequestSurvivesShortTimeouts() async throws {
+        try await RedisServer.withServer { server throws in
+            try await withClient(server.url, configure: { $0.commandTimeout = .seconds(1) }) { client throws in
+                let blocked = Task { try await client.send(RedisCommand("BLPOP", "ordering:empty", 3), timeout: .seconds(10)) }
+                #expect(await eventually { client.debugQueueDepth.inflight == 1 })
+                // Written behind the BLPOP: no reply before its 1 s deadline.
+                let ping = await #expect(throws: RedisError.self) { try await client.send(RedisCommand("PING")) }
+                #expect(ping?.code == .timeout)
+                #expect(try await blocked.value.isNull, "BLPOP should time out on the server (nil after 3 s)")
+                #expect(try await client.ping() == "PONG")
+            }
+        }
+    }
+
+    @Test("a command sent without a reply that expires unsent takes the commands queued behind it along, with a clear error")
+    func discardedCommandKeepsItsOrder() async throws {
+        try await RedisServer.withServer { server throws in
+            try await withClient(server.url, configure: { $0.commandTimeout = .seconds(10) }) { client throws in
+                try await client.ping()
+                await server.kill()
+                // Until the client has seen the connection go, a command could still be written to the dead socket.
+                let noticed = await eventually {
+                    do {
+                        try await client.send(RedisCommand("PING"), timeout: .milliseconds(100))
+                        return false
+                    } catch {
+                        return (error as? RedisError)?.code != .timeout
+                    }
+                }
+                try #require(noticed)
+                try client.sendWithoutReply(RedisCommand("SET", "ordering:k", "first"), timeout: .milliseconds(300))
+                let later = await #expect(throws: RedisError.self) { try await client.send(RedisCommand("GET", "ordering:k")) }
+                #expect(later?.code == .connectionLost, "\(String(describing: later))")
+                #expect(later?.message.contains("queued before it") == true, "\(String(describing: later))")
+            }
+        }
+    }
+
+    @Test("a practically infinite timeout is a timeout, not an arithmetic overflow")
+    func hugeTimeout() async throws {
+        let server = try await SharedRedisServer.get()
+        try await withClient(server.url) { client throws in
+            #expect(try await client.send(RedisCommand("PING"), timeout: .seconds(10_000_000_000)).string == "PONG")
+        }
+    }
+}
