@@ -69,6 +69,33 @@ struct OrderingTests {
         }
     }
 
+    @Test("a black-holed pub/sub link is noticed by its keepalive PING: the client reconnects and the subscription works again")
+    func pubSubKeepalive() async throws {
+        try await RedisServer.withServer { server throws in
+            let proxy = try await TCPProxy.start(upstreamPort: server.port)
+            try await withClient(proxy.url, configure: { $0.commandTimeout = .seconds(1) }) { client throws in
+                // The first connection may be slow on a loaded machine: a subscription deadline of its own.
+                let subscription = try await client.subscribe(to: ["news"], timeout: .seconds(10))
+                let accepted = proxy.acceptedCount
+                proxy.stall()
+                // Keepalive every second, stuck after a second without a reply: a new connection within seconds.
+                #expect(await eventually(timeout: .seconds(20)) { proxy.acceptedCount > accepted }, "the dead pub/sub link was never replaced")
+                proxy.restore()
+                var iterator = subscription.makeAsyncIterator()
+                let resubscribed = try await eventually { try await server.cli("PUBSUB", "NUMSUB", "news").hasSuffix("1") }
+                #expect(resubscribed)
+                _ = try await server.cli("PUBLISH", "news", "back")
+                var received: [String] = []
+                while let message = await iterator.next() {
+                    received.append(message.string)
+                    if message.string == "back" { break }
+                }
+                #expect(received.last == "back")
+            }
+            await proxy.stop()
+        }
+    }
+
     @Test("a practically infinite timeout is a timeout, not an arithmetic overflow")
     func hugeTimeout() async throws {
         let server = try await SharedRedisServer.get()

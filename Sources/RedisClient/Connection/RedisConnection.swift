@@ -21,8 +21,10 @@ final class RedisConnection: Sendable {
     enum Mode: Sendable {
         /// Ordinary request/reply.
         case commands
-        /// A pub/sub connection: array replies whose first element is a push kind go to `onPush`.
-        case pubSub(onPush: @Sendable (RESPValue) -> Void, onReady: @Sendable (any Channel) -> Void)
+        /// A pub/sub connection: array replies whose first element is a push kind go to `onPush`, and so do error
+        /// replies while `awaitsSubscribeAnswer` (a (P)SUBSCRIBE is unanswered: Redis answers in command order).
+        case pubSub(
+            onPush: @Sendable (RESPValue) -> Void, onReady: @Sendable (any Channel) -> Void, awaitsSubscribeAnswer: @Sendable () -> Bool)
     }
 
     private enum Phase {
@@ -316,12 +318,14 @@ final class RedisConnection: Sendable {
     /// Replies decoded from `channel`; completes the oldest requests.
     func received(_ replies: [RESPValue], on channel: any Channel) {
         var ordinary = replies
-        if case .pubSub(let onPush, _) = mode {
+        if case .pubSub(let onPush, _, let awaitsSubscribeAnswer) = mode {
             ordinary = []
             let expecting = state.withLockedValue { $0.queue.inflightCount }
             for reply in replies {
-                // Pushes, and error replies to SUBSCRIBE (e.g. NOPERM) when no request waits, go to the router.
-                if Self.isPush(reply) || (ordinary.count >= expecting && reply.isError) { onPush(reply) } else { ordinary.append(reply) }
+                // Pushes, and error replies to a (P)SUBSCRIBE (e.g. NOPERM), go to the router; the rest (the
+                // handshake, keepalive PINGs) complete requests.
+                let refusal = reply.isError && (awaitsSubscribeAnswer() || ordinary.count >= expecting)
+                if Self.isPush(reply) || refusal { onPush(reply) } else { ordinary.append(reply) }
             }
             if ordinary.isEmpty { return }
         }
@@ -453,7 +457,7 @@ final class RedisConnection: Sendable {
                 guard await backOff(attempt: &attempt, after: failure.message) else { break }
                 continue
             }
-            if case .pubSub(_, let onReady) = mode { onReady(channel) }
+            if case .pubSub(_, let onReady, _) = mode { onReady(channel) }
             let (flush, ready) = state.withLockedValue { state -> (Bool, Bool) in
                 guard case .handshaking(let current) = state.phase, current === channel else { return (false, false) }
                 state.phase = .ready(channel)

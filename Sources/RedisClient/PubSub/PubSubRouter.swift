@@ -50,6 +50,9 @@ final class PubSubRouter: Sendable {
         self.logger = logger
     }
 
+    /// Whether a (P)SUBSCRIBE written on the current connection is still unanswered (an error reply is then its).
+    var awaitsSubscribeAnswer: Bool { state.withLock { !$0.sent.isEmpty } }
+
     func attach(_ connection: RedisConnection) {
         self.connection.withLock { $0 = connection }
     }
