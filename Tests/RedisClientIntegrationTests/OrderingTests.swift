@@ -96,6 +96,24 @@ struct OrderingTests {
         }
     }
 
+    @Test("a subscription waiting for its confirmation ends when its task is cancelled, not at its deadline")
+    func cancelledSubscription() async throws {
+        try await RedisServer.withServer { server throws in
+            let proxy = try await TCPProxy.start(upstreamPort: server.port)
+            try await withClient(proxy.url) { client throws in
+                _ = try await client.subscribe(to: ["warm"], timeout: .seconds(10))
+                proxy.stall()
+                let waiting = Task { try await client.subscribe(to: ["never-confirmed"], timeout: .seconds(600)) }
+                waiting.cancel()
+                // Were it to wait for its deadline, the suite's two-minute limit would fail the test.
+                let error = await #expect(throws: RedisError.self) { _ = try await waiting.value }
+                #expect(error?.code == .cancelled, "\(String(describing: error))")
+                proxy.restore()
+            }
+            await proxy.stop()
+        }
+    }
+
     @Test("a practically infinite timeout is a timeout, not an arithmetic overflow")
     func hugeTimeout() async throws {
         let server = try await SharedRedisServer.get()

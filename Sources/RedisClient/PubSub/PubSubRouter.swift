@@ -125,17 +125,35 @@ final class PubSubRouter: Sendable {
         return subscription
     }
 
+    /// Waits until the server confirmed every topic; throws at the deadline, or `cancelled` when the task is.
     private func waitForConfirmation(of topics: Set<Topic>, id: UInt64, deadline: NIODeadline, timeout: Duration) async throws {
         let eventLoop = connection.withLock { $0 }?.eventLoop
+        try await withTaskCancellationHandler {
+            try await confirmation(of: topics, id: id, deadline: deadline, timeout: timeout, eventLoop: eventLoop)
+        } onCancel: {
+            let waiting = state.withLock { $0.confirmations.removeValue(forKey: id) }
+            waiting?.continuation.resume(throwing: RedisError(code: .cancelled, message: "subscription to \(address) was cancelled"))
+        }
+    }
+
+    private func confirmation(of topics: Set<Topic>, id: UInt64, deadline: NIODeadline, timeout: Duration, eventLoop: (any EventLoop)?)
+        async throws
+    {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-            let done = state.withLock { state -> Bool in
+            let (done, cancelled) = state.withLock { state -> (Bool, Bool) in
                 let waiting = topics.subtracting(state.confirmed)
-                if waiting.isEmpty { return true }
+                if waiting.isEmpty { return (true, false) }
+                // Cancelled before the continuation was stored: the handler found nothing to resume.
+                if Task.isCancelled { return (true, true) }
                 state.confirmations[id] = Confirmation(waiting: waiting, continuation: continuation)
-                return false
+                return (false, false)
             }
             if done {
-                continuation.resume()
+                if cancelled {
+                    continuation.resume(throwing: RedisError(code: .cancelled, message: "subscription to \(address) was cancelled"))
+                } else {
+                    continuation.resume()
+                }
                 return
             }
             eventLoop?.scheduleTask(deadline: deadline) {
