@@ -64,14 +64,7 @@ struct FailureTests {
                 // A request sent before the client noticed the loss fails with connectionLost (it may have run);
                 // wait until the client knows the server is gone: a PING failing as lost or refused, not one that
                 // merely timed out (on a loaded machine, before the client even read the close).
-                let noticed = await eventually {
-                    do {
-                        try await client.send(RedisCommand("PING"), timeout: .milliseconds(100))
-                        return false
-                    } catch {
-                        return (error as? RedisError)?.code != .timeout
-                    }
-                }
+                let noticed = await clientNoticedLoss(client)
                 #expect(noticed)
                 async let reply = client.send("ECHO", "queued")
                 // Let the request be queued while nothing listens, then bring the server back.

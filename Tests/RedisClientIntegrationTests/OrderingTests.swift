@@ -52,14 +52,7 @@ struct OrderingTests {
                 try await client.ping()
                 await server.kill()
                 // Until the client has seen the connection go, a command could still be written to the dead socket.
-                let noticed = await eventually {
-                    do {
-                        try await client.send(RedisCommand("PING"), timeout: .milliseconds(100))
-                        return false
-                    } catch {
-                        return (error as? RedisError)?.code != .timeout
-                    }
-                }
+                let noticed = await clientNoticedLoss(client)
                 try #require(noticed)
                 try client.sendWithoutReply(RedisCommand("SET", "ordering:k", "first"), timeout: .milliseconds(300))
                 let later = await #expect(throws: RedisError.self) { try await client.send(RedisCommand("GET", "ordering:k")) }

@@ -25,3 +25,17 @@ func statsCounter(_ server: RedisServer, _ name: String) async throws -> Int {
     let line = info.split(whereSeparator: \.isNewline).first { $0.hasPrefix("\(name):") }
     return Int(line?.split(separator: ":").last?.trimmingCharacters(in: .whitespaces) ?? "") ?? -1
 }
+
+/// Waits until `client` knows its server is gone: a PING fails as lost or refused, not one that merely timed out (on a
+/// loaded machine the client may not have read the close yet, and a request could still be written to the dead
+/// socket).
+func clientNoticedLoss(_ client: RedisClient) async -> Bool {
+    await eventually {
+        do {
+            try await client.send(RedisCommand("PING"), timeout: .milliseconds(100))
+            return false
+        } catch {
+            return (error as? RedisError)?.code != .timeout
+        }
+    }
+}
