@@ -40,7 +40,7 @@ extension ConnectionLimiter {
                     metadata: ["fleetgate.dead-node": "\(dead)", "fleetgate.removed": "\(removed)", "fleetgate.duration": "\(elapsed)"]
                 )
             } catch {
-                nodeLogger(nodeID).debug(
+                nodeLogger(nodeID).warning(
                     "sweep failed; next heartbeat retries", metadata: ["fleetgate.dead-node": "\(dead)", LogKey.error: "\(error)"])
             }
         }
