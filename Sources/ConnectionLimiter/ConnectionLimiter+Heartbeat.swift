@@ -132,6 +132,8 @@ extension ConnectionLimiter {
     }
 
     private func heartbeatFailed(_ error: any Error) {
+        // Cancelled by the node's own shutdown: not a Redis failure.
+        if error is CancellationError || (error as? RedisError)?.code == .cancelled { return }
         metrics.heartbeatFailures.increment()
         let becameDown = state.withLock { state -> Bool in
             defer { state.redisDown = true }
