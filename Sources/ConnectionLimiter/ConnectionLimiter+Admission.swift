@@ -68,9 +68,9 @@ extension ConnectionLimiter {
             throw LimiterError(code: .invalidLimit, message: "limit \(limit) for user \"\(user)\" must be between 0 and 1000000")
         }
         await waitForFirstRegistration()
-        // An earlier attempt with this id that timed out must not have its entry removed behind this one's back.
-        state.withLock { _ = $0.orphans.removeValue(forKey: connection) }
         let entry = state.withLock { state -> (running: Bool, added: Bool, node: String, usable: Bool, fenced: Bool, dead: [String], first: Bool) in
+            // An earlier attempt with this id that timed out must not have its entry removed behind this one's back.
+            state.orphans.removeValue(forKey: connection)
             guard state.running, !state.stopRequested else { return (false, false, state.node, false, false, [], false) }
             let fenced = configuration.policies.onLeaseLoss == .close && (state.fenced || state.leaseLost)
             let first = !state.table.hasConnections(of: user)

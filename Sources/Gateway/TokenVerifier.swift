@@ -135,9 +135,7 @@ public struct TokenVerifier: Sendable {
         guard parts.count == 3 else {
             throw TokenError(check: .malformed, message: "a JWT has three dot-separated parts, this one has \(parts.count)")
         }
-        var base64 = parts[0].replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
-        base64 += String(repeating: "=", count: (4 - base64.count % 4) % 4)
-        guard let data = Data(base64Encoded: base64), let object = try? JSONSerialization.jsonObject(with: data),
+        guard let data = base64URLDecoded(parts[0]), let object = try? JSONSerialization.jsonObject(with: data),
             let header = object as? [String: Any]
         else {
             throw TokenError(check: .malformed, message: "the token's header is not base64url-encoded JSON")
@@ -145,12 +143,17 @@ public struct TokenVerifier: Sendable {
         return header
     }
 
+    /// One base64url part of a JWT (no padding), decoded.
+    static func base64URLDecoded(_ part: Substring) -> Data? {
+        var base64 = part.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
+        base64 += String(repeating: "=", count: (4 - base64.count % 4) % 4)
+        return Data(base64Encoded: base64)
+    }
+
     /// The claims of a token whose signature verified; a claim of the wrong type fails its own check.
     static func claims(of token: String) throws(TokenError) -> Claims {
         let parts = token.split(separator: ".", omittingEmptySubsequences: false)
-        var base64 = parts[1].replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
-        base64 += String(repeating: "=", count: (4 - base64.count % 4) % 4)
-        guard let data = Data(base64Encoded: base64) else {
+        guard let data = base64URLDecoded(parts[1]) else {
             throw TokenError(check: .malformed, message: "the token's payload is not base64url-encoded")
         }
         let decoder = JSONDecoder()

@@ -73,9 +73,7 @@ public final class RedisServer: Sendable {
 
     /// The mutable part: the current `redis-server` process (replaced by ``restart(keepData:)``).
     private struct State {
-        /// Kept so Foundation keeps monitoring the child; signals are sent by pid.
-        var process: Process?
-        var watcher: ExitWatcher?
+        var child: LaunchedChild?
         /// Whether we sent SIGSTOP and no SIGCONT since.
         var paused = false
     }
@@ -99,25 +97,11 @@ public final class RedisServer: Sendable {
         self.port = port
         self.directory = directory
         self.options = options
-        self.state = Mutex(State(process: launch.process, watcher: launch.watcher))
+        self.state = Mutex(State(child: launch))
     }
 
     deinit {
-        let watcher = state.withLock { state -> ExitWatcher? in
-            guard let running = Self.running(state) else { return nil }
-            if state.paused {
-                _ = Glibc.kill(running.pid, SIGCONT)
-            }
-            _ = Glibc.kill(running.pid, SIGKILL)
-            return running.watcher
-        }
-        // deinit cannot await; give the kernel a moment (normally well under 1 ms) so the directory is not removed
-        // while the dying process still has files open in it.
-        var spins = 0
-        while let watcher, !watcher.hasExited, spins < 200 {
-            usleep(500)
-            spins += 1
-        }
+        state.withLock { $0.child }?.killBlocking()
         try? FileManager.default.removeItem(atPath: directory)
     }
 
@@ -285,8 +269,7 @@ public final class RedisServer: Sendable {
             do {
                 let launch = try await Self.launchUntilReady(executable, port: port, directory: directory, options: options)
                 state.withLock { state in
-                    state.process = launch.process
-                    state.watcher = launch.watcher
+                    state.child = launch
                     state.paused = false
                 }
                 return
@@ -344,8 +327,8 @@ public final class RedisServer: Sendable {
 
     /// The current process's pid and watcher, if it has not exited.
     private static func running(_ state: borrowing State) -> (pid: Int32, watcher: ExitWatcher)? {
-        guard let process = state.process, let watcher = state.watcher, !watcher.hasExited else { return nil }
-        return (process.processIdentifier, watcher)
+        guard let child = state.child, !child.watcher.hasExited else { return nil }
+        return (child.pid, child.watcher)
     }
 
     /// Launches `redis-server` and waits until it is ready; on any failure (including cancellation) the process is

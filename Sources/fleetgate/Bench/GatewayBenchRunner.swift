@@ -1,3 +1,4 @@
+import ConnectionLimiter
 import Crypto
 import Foundation
 import HTTPTypes
@@ -676,6 +677,7 @@ final class GatewayBenchNode: Sendable {
         process.terminationHandler = { process in
             let status = process.terminationStatus
             exit.status.withLock { $0 = process.terminationReason == .uncaughtSignal ? 128 + status : status }
+            exit.exited.open()
         }
         // posix_spawn hands this thread's signal mask to the child, and concurrency threads block signals: a node
         // spawned with SIGTERM blocked would never drain. Spawn with an empty mask.
@@ -741,12 +743,9 @@ final class GatewayBenchNode: Sendable {
         defer { try? FileManager.default.removeItem(atPath: directory) }
         if hasExited { return exitStatus }
         kill(pid, SIGTERM)
-        let deadline = ContinuousClock.now + timeout
-        while !hasExited, ContinuousClock.now < deadline { try? await Task.sleep(for: .milliseconds(10)) }
-        if hasExited { return exitStatus }
+        if await exit.exited.wait(timeout: timeout) { return exitStatus }
         kill(pid, SIGKILL)
-        let killed = ContinuousClock.now
-        while !hasExited, killed.duration(to: .now) < .seconds(5) { try? await Task.sleep(for: .milliseconds(10)) }
+        await exit.exited.wait(timeout: .seconds(5))
         return nil
     }
 
@@ -763,7 +762,9 @@ final class GatewayBenchNode: Sendable {
     }
 }
 
-/// A child's exit status (128 + signal if a signal ended it), set by `Process.terminationHandler`.
+/// A child's exit status (128 + signal if a signal ended it), set by `Process.terminationHandler`, which also opens
+/// `exited`.
 private final class ExitBox: Sendable {
     let status = Mutex<Int32?>(nil)
+    let exited = Latch()
 }
