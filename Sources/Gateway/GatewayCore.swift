@@ -25,8 +25,9 @@ final class GatewayCore: Sendable {
 
     struct State {
         var entries: [String: Entry] = [:]
-        var draining = false
+        /// Set when a drain begins: no new connections from then on.
         var drainDeadline: ContinuousClock.Instant?
+        var draining: Bool { drainDeadline != nil }
     }
 
     let configuration: GatewayConfiguration
@@ -474,7 +475,6 @@ final class GatewayCore: Sendable {
     func beginDrain() {
         let (first, empty) = state.withLockedValue { state -> (Bool, Bool) in
             guard !state.draining else { return (false, false) }
-            state.draining = true
             // A fifth of the drain timeout is left for the limiter's release of every entry and deregistration.
             state.drainDeadline = ContinuousClock.now + configuration.drainTimeout * 4 / 5
             return (true, state.entries.isEmpty)

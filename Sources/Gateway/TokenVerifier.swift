@@ -65,6 +65,9 @@ public struct TokenVerifier: Sendable {
         }
     }
 
+    /// The shortest HS256 secret accepted: as long as the hash (RFC 7518 §3.2).
+    public static let minimumSecretBytes = 32
+
     let keys: JWTKeyCollection
     /// The only `alg` accepted.
     public let algorithm: String
@@ -78,8 +81,9 @@ public struct TokenVerifier: Sendable {
         switch key {
         case .hs256(let secret):
             // RFC 7518: an HS256 key must be at least as long as the hash (32 bytes); jwt-kit traps on shorter ones.
-            guard secret.utf8.count >= 32 else {
-                throw TokenError(check: .signature, message: "the HS256 secret has \(secret.utf8.count) bytes; it needs at least 32")
+            guard secret.utf8.count >= Self.minimumSecretBytes else {
+                throw TokenError(
+                    check: .signature, message: "the HS256 secret has \(secret.utf8.count) bytes; it needs at least \(Self.minimumSecretBytes)")
             }
             await keys.add(hmac: HMACKey(from: secret), digestAlgorithm: .sha256)
         case .rs256(let pem):

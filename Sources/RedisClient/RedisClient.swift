@@ -36,7 +36,7 @@ public final class RedisClient: Sendable, Service {
             configuration: configuration,
             mode: .pubSub(
                 onPush: { [weak router] in router?.push($0) }, onReady: { [weak router] in router?.connected($0) },
-                awaitsSubscribeAnswer: { [weak router] in router?.awaitsSubscribeAnswer ?? false }),
+                awaitsSubscribeAnswer: { [weak router] in (router?.unansweredSubscribes ?? 0) > 0 }),
             logger: logger
         )
         router.attach(pubSubConnection)

@@ -142,7 +142,9 @@ struct ServeSettings {
         case (.some, .some):
             throw ServeError("--jwt-secret and --jwt-public-key exclude each other: the gateway pins one algorithm")
         case (let secret?, nil):
-            guard secret.utf8.count >= 32 else { throw ServeError("the HS256 secret must be at least 32 bytes (it has \(secret.utf8.count))") }
+            guard secret.utf8.count >= TokenVerifier.minimumSecretBytes else {
+                throw ServeError("the HS256 secret must be at least \(TokenVerifier.minimumSecretBytes) bytes (it has \(secret.utf8.count))")
+            }
             tokenKey = .hs256(secret: secret)
         case (nil, let path?):
             guard let pem = try? String(contentsOfFile: path, encoding: .utf8) else { throw ServeError("cannot read the public key file \(path)") }

@@ -1,7 +1,8 @@
 import Foundation
-import RedisClient
 import TestSupport
 import Testing
+
+@testable import RedisClient
 
 /// Deadlines, ordering and pub/sub refusals: cases found in review, each failed before its fix.
 @Suite("Deadlines, ordering and refusals", .timeLimit(.minutes(2)))
@@ -12,16 +13,18 @@ struct OrderingTests {
             _ = try await server.cli("ACL", "SETUSER", "limited", "on", ">pw", "~*", "+@all", "resetchannels", "&ok-*")
             let proxy = try await TCPProxy.start(upstreamPort: server.port)
             try await withClient("redis://limited:pw@\(proxy.address)") { client throws in
-                _ = try await client.subscribe(to: ["ok-warm"])  // the pub/sub connection is up
-                // 100 ms each way: both SUBSCRIBEs are written before the first answer comes back.
-                proxy.delay(.milliseconds(100))
-                let forbidden = Task { try await client.subscribe(to: ["forbidden"]) }
-                // Not a wait for an event: it only orders the two writes (forbidden first), 70 ms inside the delay.
-                try await Task.sleep(for: .milliseconds(30))
-                let permitted = try await client.subscribe(to: ["ok-a"])
+                _ = try await client.subscribe(to: ["ok-warm"], timeout: .seconds(10))  // the pub/sub connection is up
+                // Held by the proxy until both SUBSCRIBEs are written, forbidden first: its refusal then arrives while
+                // the permitted one also waits.
+                proxy.stall()
+                let forbidden = Task { try await client.subscribe(to: ["forbidden"], timeout: .seconds(10)) }
+                #expect(await eventually { client.pubSub.unansweredSubscribes == 1 })
+                let permittedTask = Task { try await client.subscribe(to: ["ok-a"], timeout: .seconds(10)) }
+                #expect(await eventually { client.pubSub.unansweredSubscribes == 2 })
+                proxy.restore()
+                let permitted = try await permittedTask.value
                 let refusal = await #expect(throws: RedisError.self) { _ = try await forbidden.value }
                 #expect(refusal?.serverErrorPrefix == "NOPERM", "\(String(describing: refusal))")
-                proxy.delay(.zero)
                 #expect(try await client.publish("hello", to: "ok-a") == 1)
                 var iterator = permitted.makeAsyncIterator()
                 #expect(await iterator.next()?.string == "hello")

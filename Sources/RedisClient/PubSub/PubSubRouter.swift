@@ -50,8 +50,9 @@ final class PubSubRouter: Sendable {
         self.logger = logger
     }
 
-    /// Whether a (P)SUBSCRIBE written on the current connection is still unanswered (an error reply is then its).
-    var awaitsSubscribeAnswer: Bool { state.withLock { !$0.sent.isEmpty } }
+    /// (P)SUBSCRIBE commands written on the current connection and not fully answered yet; while there is one, an
+    /// error reply is its answer.
+    var unansweredSubscribes: Int { state.withLock { $0.sent.count } }
 
     func attach(_ connection: RedisConnection) {
         self.connection.withLock { $0 = connection }
