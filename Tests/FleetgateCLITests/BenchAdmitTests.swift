@@ -56,12 +56,7 @@ struct BenchAdmitTests {
             (["--users", "many"], "many"),
         ])
     func refuses(arguments: [String], mentions: String) {
-        do {
-            _ = try Fleetgate.parseAsRoot(["bench", "admit"] + arguments)
-            Issue.record("accepted \(arguments)")
-        } catch {
-            #expect(Fleetgate.message(for: error).contains(mentions), "\(Fleetgate.message(for: error))")
-        }
+        expectRefusal(["bench", "admit"] + arguments, mentioning: mentions)
     }
 
     @Test("help explains every figure")

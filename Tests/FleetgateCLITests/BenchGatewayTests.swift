@@ -47,12 +47,7 @@ struct BenchGatewayTests {
             (["--client", "curl"], "curl"),
         ])
     func refuses(arguments: [String], mentions: String) {
-        do {
-            _ = try Fleetgate.parseAsRoot(["bench", "gateway"] + arguments)
-            Issue.record("accepted \(arguments)")
-        } catch {
-            #expect(Fleetgate.message(for: error).contains(mentions), "\(Fleetgate.message(for: error))")
-        }
+        expectRefusal(["bench", "gateway"] + arguments, mentioning: mentions)
     }
 
     @Test("help explains every figure")
