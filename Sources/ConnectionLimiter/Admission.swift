@@ -59,6 +59,9 @@ public struct Denial: Sendable, Hashable, CustomStringConvertible {
     public var holders: [Holder]
     /// When trying again may succeed: the soonest a holder's lease could end, at least one second.
     public var retryAfter: Duration
+    /// How the decision was made. With ``Admission/Basis/localFallback`` (Redis unreachable), `count` is the user's
+    /// connections on this node and `limit` this node's share of the user's limit.
+    public var basis: Admission.Basis = .redis
 
     /// `connection limit exceeded for user "alice" (20/20)`.
     public var description: String { "connection limit exceeded for user \"\(user)\" (\(count)/\(limit))" }

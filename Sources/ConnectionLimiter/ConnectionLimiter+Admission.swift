@@ -68,38 +68,58 @@ extension ConnectionLimiter {
             throw LimiterError(code: .invalidLimit, message: "limit \(limit) for user \"\(user)\" must be between 0 and 1000000")
         }
         await waitForFirstRegistration()
-        let entry = state.withLock { state -> (running: Bool, added: Bool, node: String, usable: Bool, fenced: Bool, dead: [String], first: Bool) in
+        enum Entry {
+            case refused(LimiterError)
+            case taken(node: String)
+            case added(node: String, viaRedis: Bool, dead: [String], first: Bool)
+        }
+        let entry = state.withLock { state -> Entry in
             // An earlier attempt with this id that timed out must not have its entry removed behind this one's back.
             state.orphans.removeValue(forKey: connection)
-            guard state.running, !state.stopRequested else { return (false, false, state.node, false, false, [], false) }
-            let fenced = configuration.policies.onLeaseLoss == .close && (state.fenced || state.leaseLost)
-            let first = !state.table.hasConnections(of: user)
-            let added = fenced ? false : state.table.addPending(connection, user: user, limit: limit)
-            return (true, added, state.node, state.registered && !state.leaseLost, fenced, state.deadList, first)
+            let route = state.life.admissionRoute
+            switch route {
+            case .notRunning(let node):
+                return .refused(
+                    LimiterError(
+                        code: .notRunning,
+                        message: "the limiter is not running (call run() first); connection \(connection) of user \"\(user)\" refused on node \(node)"))
+            case .draining(let node):
+                return .refused(
+                    LimiterError(
+                        code: .notRunning,
+                        message: "node \(node) is shutting down; connection \(connection) of user \"\(user)\" refused (connect to another node)"))
+            case .fenced(let node):
+                return .refused(fencedError(node: node, user: user, connection: connection))
+            case .redis(let node), .unregistered(let node):
+                let first = !state.table.hasConnections(of: user)
+                guard state.table.addPending(connection, user: user, limit: limit) else { return .taken(node: node) }
+                if case .redis = route { return .added(node: node, viaRedis: true, dead: state.deadList, first: first) }
+                return .added(node: node, viaRedis: false, dead: [], first: first)
+            }
         }
-        guard entry.running else {
-            let stopping = state.withLock { $0.running && $0.stopRequested }
-            throw LimiterError(
-                code: .notRunning,
-                message: stopping
-                    ? "node \(entry.node) is shutting down; connection \(connection) of user \"\(user)\" refused (connect to another node)"
-                    : "the limiter is not running (call run() first); connection \(connection) of user \"\(user)\" refused")
-        }
-        guard !entry.fenced else { throw fencedError(node: entry.node, user: user, connection: connection) }
-        guard entry.added else {
+        let (node, viaRedis, dead, first): (String, Bool, [String], Bool)
+        switch entry {
+        case .refused(let error):
+            throw error
+        case .taken(let taken):
             throw LimiterError(
                 code: .invalidConnection,
-                message: "connection id \"\(connection)\" is already in use on node \(entry.node) by another user (not \"\(user)\")"
+                message: "connection id \"\(connection)\" is already in use on node \(taken) by another user (not \"\(user)\")"
             )
+        case .added(let added, let redis, let deadNodes, let firstHere):
+            (node, viaRedis, dead, first) = (added, redis, deadNodes, firstHere)
         }
-        guard entry.usable else {
-            return try fallback(user: user, connection: connection, limit: limit, reason: "node \(entry.node) is not registered in Redis", sent: nil)
+        guard viaRedis else {
+            return try fallback(user: user, connection: connection, limit: limit, reason: "node \(node) is not registered in Redis", sent: nil)
         }
-        let member = Member(node: entry.node, connection: connection).text
+        let entryNode = node
+        let member = Member(node: entryNode, connection: connection).text
         do {
-            var reply = try await runAdmit(user: user, connection: connection, node: entry.node, limit: limit, dead: entry.dead, index: entry.first)
+            var reply = try await runAdmit(user: user, connection: connection, node: entryNode, limit: limit, dead: dead, index: first)
             if reply.status == .denied {
-                reply = try await cleanUpAndRetry(user: user, connection: connection, node: entry.node, limit: limit, denied: reply)
+                // Redis has answered "at the limit": from here on every failure denies (never the Redis-down
+                // fallback, whose local count would admit one over the limit).
+                reply = await cleanUpAndRetry(user: user, connection: connection, node: entryNode, limit: limit, denied: reply)
             }
             if reply.status != .denied, isFenced {
                 // Fenced while the script ran: the gateway has been told to close everything, so this one must not
@@ -113,9 +133,9 @@ extension ConnectionLimiter {
                         await kick(evicted, user: user)
                     }
                 }
-                throw fencedError(node: entry.node, user: user, connection: connection)
+                throw fencedError(node: entryNode, user: user, connection: connection)
             }
-            return await finishAdmission(user: user, connection: connection, node: entry.node, reply: reply)
+            return await finishAdmission(user: user, connection: connection, node: entryNode, reply: reply)
         } catch let error as RedisError where Self.isUnavailability(error) {
             do {
                 return try fallback(user: user, connection: connection, limit: limit, reason: error.message, sent: member)
@@ -136,14 +156,14 @@ extension ConnectionLimiter {
             throw LimiterError(
                 code: .unexpectedReply,
                 message:
-                    "admission of connection \(connection) of user \"\(user)\" on node \(entry.node) failed: \(error); check the user's keys (\(keys.conns(user)), \(keys.limit(user))) and the script version",
+                    "admission of connection \(connection) of user \"\(user)\" on node \(entryNode) failed: \(error); check the user's keys (\(keys.conns(user)), \(keys.limit(user))) and the script version",
                 underlying: error)
         }
     }
 
     /// Whether the node has fenced itself (policy `onLeaseLoss: close`) and not re-registered since.
     var isFenced: Bool {
-        configuration.policies.onLeaseLoss == .close && state.withLock { $0.fenced || $0.leaseLost }
+        state.withLock { $0.life.isFenced }
     }
 
     func fencedError(node: String, user: UserID, connection: String) -> LimiterError {
@@ -164,7 +184,7 @@ extension ConnectionLimiter {
     /// `admissionTimeout` after ``run()`` started. With Redis down from the start, only the first admissions wait;
     /// later ones go straight to the `onRedisDown` policy.
     func waitForFirstRegistration() async {
-        let deadline = state.withLock { state in state.running && !state.everRegistered ? state.startedAt : nil }
+        let deadline = state.withLock { state in state.life.isRunning && !state.life.everRegistered ? state.life.startedAt : nil }
         guard let deadline else { return }
         let left = clock.now.duration(to: deadline + configuration.admissionTimeout)
         guard left > .zero else { return }
@@ -210,12 +230,35 @@ extension ConnectionLimiter {
         return reply
     }
 
-    /// Emergency cleanup on a denial: drop this node's stale members, ask other live owners to verify theirs
-    /// (bounded wait), count owners missing from the registry as dead, and retry once.
-    private func cleanUpAndRetry(user: UserID, connection: String, node: String, limit: Int, denied: AdmitReply) async throws -> AdmitReply {
+    /// Emergency cleanup on a denial: drop this node's stale members and probe its own silent connections of the
+    /// user, ask other live owners to do the same (bounded wait), count owners missing from the registry as dead, and
+    /// retry once. Redis has already said "at the limit": a failure here answers with that denial, never with the
+    /// Redis-down fallback.
+    private func cleanUpAndRetry(user: UserID, connection: String, node: String, limit: Int, denied: AdmitReply) async -> AdmitReply {
+        do {
+            return try await cleanUpAndRetryOnce(user: user, connection: connection, node: node, limit: limit, denied: denied)
+        } catch {
+            if error is CancellationError || (error as? RedisError)?.code == .cancelled {
+                // The caller went away: the denial stands (the admission's own error handling sees no difference).
+                return denied
+            }
+            nodeLogger(node).warning(
+                "emergency cleanup failed after a denial; the denial stands",
+                metadata: [LogKey.user: "\(user)", LogKey.connection: "\(connection)", LogKey.count: "\(denied.count)", LogKey.error: "\(error)"])
+            // The retry may have been sent and admitted before the failure was seen: its member must not stay.
+            forgetOrphan(user: user, member: Member(node: node, connection: connection).text, connection: connection)
+            return denied
+        }
+    }
+
+    private func cleanUpAndRetryOnce(user: UserID, connection: String, node: String, limit: Int, denied: AdmitReply) async throws -> AdmitReply {
         let holders = denied.holders.map(\.member)
-        let staleOwn = state.withLock { state in
-            holders.filter { $0.node == node && !state.table.isLive($0.connection) }.map(\.text)
+        let (staleOwn, liveOwn) = state.withLock { state -> ([String], [String]) in
+            let own = holders.filter { $0.node == node && $0.connection != connection }
+            return (
+                own.filter { !state.table.isLive($0.connection) }.map(\.text),
+                own.filter { state.table.connection($0.connection)?.state == .open }.map(\.connection)
+            )
         }
         if !staleOwn.isEmpty {
             let removed =
@@ -229,6 +272,7 @@ extension ConnectionLimiter {
         }
         let owners = Set(holders.map(\.node)).subtracting([node])
         var dead = Set(state.withLock { $0.deadList })
+        var liveOwners: Set<String> = []
         if !owners.isEmpty {
             // Read the registry after the holders: an owner missing from it, or expired, is dead for good.
             let registry = try await redis.send(RedisCommand("ZRANGE", keys.nodes, 0, -1, "WITHSCORES"), timeout: configuration.admissionTimeout)
@@ -239,12 +283,55 @@ extension ConnectionLimiter {
             }
             let deadOwners = owners.filter { (expiries[$0] ?? 0) <= denied.now }
             dead.formUnion(deadOwners)
-            let liveOwners = owners.subtracting(deadOwners)
-            if !liveOwners.isEmpty {
-                await verify(user: user, with: liveOwners, requester: node)
+            liveOwners = owners.subtracting(deadOwners)
+        }
+        // This node probes its own silent connections of the user while the other owners probe theirs.
+        let verified = liveOwners
+        await withTaskGroup(of: Void.self) { group in
+            if !liveOwn.isEmpty {
+                group.addTask { await self.probeOwn(user: user, connections: liveOwn) }
+            }
+            if !verified.isEmpty {
+                group.addTask { await self.verify(user: user, with: verified, requester: node) }
             }
         }
         return try await runAdmit(user: user, connection: connection, node: node, limit: limit, dead: Array(dead), index: false)
+    }
+
+    /// Probes this node's open `connections` of `user` through the embedder's ``ConnectionProbe`` (none: nothing
+    /// happens); the ones that fail leave the local table and Redis at once (`fleetgate_evictions_total{reason="probe"}`),
+    /// and the probe closes their sockets. Bounded by the probe timeout plus a margin, whatever the probe does.
+    func probeOwn(user: UserID, connections: [String]) async {
+        guard let probe = probe, !connections.isEmpty else { return }
+        let timeout = configuration.probe.timeout
+        let failed = await withTaskGroup(of: Set<String>?.self) { group -> Set<String> in
+            group.addTask { await probe.probe(connections: connections, user: user.rawValue, timeout: timeout) }
+            group.addTask {
+                // An embedder's probe that overruns its deadline decides nothing: every connection stays.
+                try? await Task.sleep(for: timeout + .milliseconds(250))
+                return nil
+            }
+            let first = await group.next() ?? nil
+            group.cancelAll()
+            return first ?? []
+        }
+        guard !failed.isEmpty else { return }
+        let removed = state.withLock { state -> [(id: String, connection: LocalTable.Connection)] in
+            failed.filter { connections.contains($0) }.compactMap { id in
+                removeLocally(id, from: &state).map { (id: id, connection: $0) }
+            }
+        }
+        guard !removed.isEmpty else { return }
+        metrics.activeConnections.record(localConnectionCount)
+        metrics.evictedProbe.increment(by: Int64(removed.count))
+        nodeLogger(nodeID).info(
+            "liveness probe failed; connections released",
+            metadata: [LogKey.user: "\(user)", "fleetgate.released": "\(removed.count)", "fleetgate.probed": "\(connections.count)"])
+        let members = removed.compactMap { entry in entry.connection.node.map { Member(node: $0, connection: entry.id).text } }
+        if !(await removeMembers(members, of: user)) {
+            // The lease is the backstop; the next cleanup's verify finds them as stale (no longer live here).
+            nodeLogger(nodeID).debug("could not remove the entries of failed probes", metadata: [LogKey.user: "\(user)"])
+        }
     }
 
     private func finishAdmission(user: UserID, connection: String, node: String, reply: AdmitReply) async -> AdmissionDecision {
@@ -342,23 +429,27 @@ extension ConnectionLimiter {
                     "Redis at \(redis.configuration.address) is unavailable (\(reason)); connection \(connection) of user \"\(user)\" refused by policy onRedisDown=reject; retry later"
             )
         case .local:
-            let decision = state.withLock { state -> (admitted: Bool, count: Int) in
+            // This node's share of the limit, ⌈limit / live nodes last seen⌉: every node of the fleet admits at most
+            // its share by its own count, so the fleet overshoots the limit by less than one connection per node.
+            let decision = state.withLock { state -> (admitted: Bool, count: Int, share: Int) in
                 let open = state.table.openCount(of: user)
-                if open < limit || configuration.policies.dryRun {
-                    if state.table.admitted(connection, node: nil) { return (true, open + 1) }
+                let share = Self.localShare(of: limit, liveNodes: state.liveNodes)
+                if open < share || configuration.policies.dryRun {
+                    if state.table.admitted(connection, node: nil) { return (true, open + 1, share) }
                     // Released while its admission was pending: the release left it to this admission to finish.
                     removeLocally(connection, from: &state)
-                    return (true, open)
+                    return (true, open, share)
                 }
                 removeLocally(connection, from: &state)
-                return (false, open)
+                return (false, open, share)
             }
             if let sent, state.withLock({ $0.table.connection(connection) == nil }) {
                 // Not open here (denied, or released meanwhile), but the script may still write its member once Redis
                 // answers: remove it then.
                 forgetOrphan(user: user, member: sent, connection: connection)
             }
-            nodeLogger(nodeID).debug("admission by local count", metadata: [LogKey.user: "\(user)", LogKey.error: "\(reason)"])
+            nodeLogger(nodeID).debug(
+                "admission by local count", metadata: [LogKey.user: "\(user)", LogKey.error: "\(reason)", LogKey.limit: "\(decision.share)"])
             if decision.admitted {
                 metrics.admittedLocal.increment()
                 return .admitted(
@@ -367,8 +458,17 @@ extension ConnectionLimiter {
                         evictedAll: []))
             }
             metrics.denied.increment()
-            return .denied(Denial(user: user.rawValue, count: decision.count, limit: limit, holders: [], retryAfter: configuration.heartbeat.nodeTTL))
+            return .denied(
+                Denial(
+                    user: user.rawValue, count: decision.count, limit: decision.share, holders: [], retryAfter: configuration.heartbeat.nodeTTL,
+                    basis: .localFallback))
         }
+    }
+
+    /// This node's share of `limit` while Redis is unreachable: ⌈limit / liveNodes⌉ (`liveNodes` at least 1).
+    static func localShare(of limit: Int, liveNodes: Int) -> Int {
+        let nodes = max(1, liveNodes)
+        return (limit + nodes - 1) / nodes
     }
 
     // MARK: Release

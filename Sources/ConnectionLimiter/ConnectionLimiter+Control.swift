@@ -19,7 +19,7 @@ extension ConnectionLimiter {
             let (stale, ready) = state.withLock { state -> (Bool, Bool) in
                 state.subscription = subscription
                 state.listeningAs = node
-                return (state.node != node, state.node == node && state.registered)
+                return (state.node != node, state.node == node && state.life.registered)
             }
             if stale {
                 subscription.unsubscribe()
@@ -28,8 +28,13 @@ extension ConnectionLimiter {
             // Registration and subscription can finish in either order; whichever comes second opens the latch.
             if ready { firstReady.open() }
             await withTaskCancellationHandler {
-                for await message in subscription {
-                    await handleControl(message.string, node: node)
+                // Each message is handled on its own: a verify that probes for up to the probe timeout must not hold
+                // back the kicks and acks behind it. Every handler is bounded by Redis and probe timeouts.
+                await withDiscardingTaskGroup { group in
+                    for await message in subscription {
+                        let text = message.string
+                        group.addTask { await self.handleControl(text, node: node) }
+                    }
                 }
             } onCancel: {
                 subscription.unsubscribe()
@@ -62,16 +67,26 @@ extension ConnectionLimiter {
         }
     }
 
-    /// Removes this node's members of `user` that are not pending or open here (zombies).
+    /// Removes this node's members of `user` that are not pending or open here (zombies), and probes its open
+    /// connections of the user (``probeOwn(user:connections:)``): the ones that fail are closed and removed too.
     func verifyOwn(user: UserID, node: String) async {
         do {
-            let members = try await redis.send(RedisCommand("ZRANGE", keys.conns(user), 0, -1)).array ?? []
-            let stale = state.withLock { state in
-                members.compactMap(\.string).compactMap(Member.init).filter { $0.node == node && !state.table.isLive($0.connection) }.map(\.text)
+            let members = try await redis.send(RedisCommand("ZRANGE", keys.conns(user), 0, -1), timeout: configuration.admissionTimeout).array ?? []
+            let (stale, open) = state.withLock { state -> ([String], [String]) in
+                let own = members.compactMap(\.string).compactMap(Member.init).filter { $0.node == node }
+                return (
+                    own.filter { !state.table.isLive($0.connection) }.map(\.text),
+                    own.filter { state.table.connection($0.connection)?.state == .open }.map(\.connection)
+                )
             }
-            guard !stale.isEmpty else { return }
-            let removed = try await redis.eval(scripts.purge, keys: [keys.conns(user), keys.since(user)], arguments: ["members"] + stale).int ?? 0
-            metrics.evictedZombie.increment(by: Int64(removed))
+            if !stale.isEmpty {
+                let removed =
+                    try await redis.eval(
+                        scripts.purge, keys: [keys.conns(user), keys.since(user)], arguments: ["members"] + stale, timeout: configuration.admissionTimeout
+                    ).int ?? 0
+                metrics.evictedZombie.increment(by: Int64(removed))
+            }
+            await probeOwn(user: user, connections: open)
         } catch {
             nodeLogger(node).debug("verify failed", metadata: [LogKey.user: "\(user)", LogKey.error: "\(error)"])
         }
@@ -123,9 +138,13 @@ extension ConnectionLimiter {
 
     /// Tells the owner of `member` to close it (evict-oldest, operator kick); a local one is announced directly. A
     /// member written under one of this process's earlier incarnations is local too (nobody listens on its channel).
+    ///
+    /// The caller has already removed the entry and left a kick marker beside it (`kick.lua`, `admit.lua`), so the
+    /// owner's renewal never re-adds it and closes the connection itself if the message is lost. A message no node
+    /// received (the owner is reconnecting its pub/sub link) is sent again a few times.
     func kick(_ member: Member, user: UserID, reason: LimiterEvent.KickReason = .evicted) async {
         let (local, removed) = state.withLock { state -> (Bool, LocalTable.Connection?) in
-            guard state.node == member.node || state.previousIncarnations.contains(member.node) else { return (false, nil) }
+            guard state.node == member.node || state.life.deadIncarnations.contains(member.node) else { return (false, nil) }
             // Only the connection held under exactly this member (or not held in Redis yet) is the one to close: a
             // stale member of an earlier incarnation, whose connection was re-admitted under the current id since,
             // is already gone with the caller's removal.
@@ -138,9 +157,36 @@ extension ConnectionLimiter {
             emit(.kick(connection: member.connection, user: user.rawValue, reason: reason))
             // The caller removed the entry, but a renewal may have put it back since: remove it again.
             if let held = entry.node { await removeMembers([Member(node: held, connection: member.connection).text], of: user) }
-        } else {
-            let word = reason == .operatorRequest ? "operator" : "evicted"
-            _ = try? await redis.publish("kick \(member.connection) \(word)", to: keys.control(member.node))
+            return
         }
+        let word = reason == .operatorRequest ? "operator" : "evicted"
+        var pause = Duration.milliseconds(100)
+        for attempt in 1...Self.kickDeliveryAttempts {
+            let receivers = (try? await redis.publish("kick \(member.connection) \(word)", to: keys.control(member.node))) ?? 0
+            if receivers > 0 { return }
+            if attempt == Self.kickDeliveryAttempts { break }
+            guard await self.pause(pause) else { return }
+            pause *= 2
+        }
+        nodeLogger(nodeID).info(
+            "kick not delivered; its node closes the connection at its next lease renewal",
+            metadata: [LogKey.node: "\(member.node)", LogKey.connection: "\(member.connection)", LogKey.user: "\(user)"])
     }
+
+    /// How many times a kick nobody received is published (100 ms, then twice as long between attempts).
+    static let kickDeliveryAttempts = 4
+
+    /// Removes `members` of `user` and marks them kicked (`kick.lua`): a renewal never re-adds a kicked member, and
+    /// answers it to its owner as kicked instead. Returns how many were removed.
+    @discardableResult
+    func removeKicked(_ members: [String], of user: UserID) async throws -> Int {
+        guard !members.isEmpty else { return 0 }
+        return try await redis.eval(
+            scripts.kick, keys: [keys.conns(user), keys.since(user), keys.kicked(user)], arguments: [String(kickMarkerMilliseconds)] + members,
+            timeout: configuration.admissionTimeout
+        ).int ?? 0
+    }
+
+    /// How long a kick marker stays: two leases, longer than any renewal interval of a node that is still alive.
+    var kickMarkerMilliseconds: Int64 { leaseMilliseconds * 2 }
 }

@@ -152,10 +152,14 @@ extension ConnectionLimiter {
     }
 
     /// An operator kick: removes the entry now and tells its node to close the socket (4409).
+    ///
+    /// The kick holds until the owner has closed the socket: the entry is marked kicked in Redis, so the owner's
+    /// lease renewal never puts it back and closes the connection itself when the kick message was lost (its pub/sub
+    /// link was down); a message nobody received is sent again a few times.
     public func kick(user rawUser: String, node: String, connection: String) async throws {
         let user = try UserID(rawUser)
         let member = Member(node: node, connection: connection)
-        try await redis.eval(scripts.purge, keys: [keys.conns(user), keys.since(user)], arguments: ["members", member.text])
+        try await removeKicked([member.text], of: user)
         await kick(member, user: user, reason: .operatorRequest)
     }
 

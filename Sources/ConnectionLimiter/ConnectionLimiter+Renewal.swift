@@ -16,7 +16,7 @@ extension ConnectionLimiter {
     /// for it; connections counted only locally (admitted while Redis was down) are added now.
     func renewLeases() async {
         let (node, usable, groups, dead) = state.withLock { state in
-            (state.node, state.registered && !state.leaseLost, state.table.openByUser(node: state.node), state.deadList)
+            (state.node, state.life.isCurrent, state.table.openByUser(node: state.node), state.deadList)
         }
         guard usable, !groups.isEmpty else { return }
         // One script call per user and at most 1000 members (Lua's unpack limit is near 8000).
@@ -51,22 +51,33 @@ extension ConnectionLimiter {
             }
             for (call, result) in zip(chunk, results) {
                 guard case .success(let reply) = result else { continue }
-                let tail = reply.strings(from: 2)
-                let separator = tail.firstIndex(of: "|") ?? tail.endIndex
-                let lost = Set(tail[..<separator].compactMap { Member($0)?.connection })
-                let readded = tail[separator...].dropFirst().compactMap { Member($0) }
-                let (kicked, released) = state.withLock { state -> ([String], [String]) in
+                // {renewed, readded, lost…, "|", readded…, "|", kicked…}
+                let parts = reply.strings(from: 2).split(separator: "|", omittingEmptySubsequences: false)
+                let lost = Set((parts.first ?? []).compactMap { Member($0)?.connection })
+                let readded = (parts.count > 1 ? parts[1] : []).compactMap { Member($0) }
+                let kickedHere = Set((parts.count > 2 ? parts[2] : []).compactMap { Member($0)?.connection })
+                let (kicked, operatorKicked, released) = state.withLock { state -> ([String], [String], [String]) in
                     var kicked: [String] = []
                     for id in lost where state.table.connection(id)?.state == .open {
                         removeLocally(id, from: &state)
                         kicked.append(id)
                     }
+                    // Kicked while the kick message did not reach this node: close it now.
+                    var operatorKicked: [String] = []
+                    for id in kickedHere where state.table.connection(id)?.state == .open {
+                        removeLocally(id, from: &state)
+                        operatorKicked.append(id)
+                    }
                     var released: [String] = []
-                    for (id, _) in call.connections where !lost.contains(id) {
+                    for (id, _) in call.connections where !lost.contains(id) && !kickedHere.contains(id) {
                         // Released while the renewal was in flight: the script may have put it back.
                         if !state.table.adopt(id, node: node) { released.append(id) }
                     }
-                    return (kicked, released)
+                    return (kicked, operatorKicked, released)
+                }
+                for id in operatorKicked {
+                    metrics.evictedKicked.increment()
+                    emit(.kick(connection: id, user: call.user.rawValue, reason: .kickedAtRenewal))
                 }
                 let stray = readded.filter { released.contains($0.connection) }.map(\.text)
                 await removeMembers(stray, of: call.user)

@@ -27,24 +27,14 @@ public final class ConnectionLimiter: Service, Sendable {
     }
 
     struct State: Sendable {
-        /// The current node incarnation id.
-        var node: String
-        var registered = false
-        /// Whether the node has registered at least once since ``run()`` started.
-        var everRegistered = false
-        /// When this node's lease may have run out (monotonic clock, counted from the sending of the last good heartbeat).
-        var leaseDeadline: ContinuousClock.Instant?
-        var leaseLost = false
-        var fenced = false
+        /// The node's registration and lease: one state machine (see ``NodeLifecycle``).
+        var life: NodeLifecycle
         var redisDown = false
         /// Nodes whose lease expired (they never come back); their members can be dropped at admission.
         var deadNodes: Set<String> = []
-        /// This process's earlier incarnations (the last few): their members are dead too.
-        var previousIncarnations: [String] = []
-        /// Set by run(); admissions before it (or after shutdown) are refused.
-        var running = false
-        /// When run() started: admissions wait for the first registration until `admissionTimeout` after it.
-        var startedAt: ContinuousClock.Instant?
+        /// Live nodes in the registry at the last good heartbeat (at least 1): the local fallback admits up to
+        /// ⌈limit / liveNodes⌉ per user, so a fleet in a Redis outage overshoots by less than one per node.
+        var liveNodes = 1
         /// Work the heartbeat hands to the maintenance loop, so heartbeats never wait for it.
         var pendingReadmission: String?
         var pendingSweep: Set<String> = []
@@ -59,10 +49,11 @@ public final class ConnectionLimiter: Service, Sendable {
         var subscription: RedisSubscription?
         /// The node id whose control channel is subscribed.
         var listeningAs: String?
-        var stopRequested = false
         var stopWaiter: CheckedContinuation<Void, Never>?
+        /// The current node incarnation id.
+        var node: String { life.node }
         /// Dead node ids to pass to the scripts.
-        var deadList: [String] { Array(deadNodes.union(previousIncarnations)) }
+        var deadList: [String] { Array(deadNodes.union(life.deadIncarnations)) }
     }
 
     /// A member an unfinished admission may have written.
@@ -84,6 +75,8 @@ public final class ConnectionLimiter: Service, Sendable {
     let firstRegistration = Latch()
     /// Opens once the node is first registered and listening on its control channel (or when ``run()`` ends).
     let firstReady = Latch()
+    /// The embedder's liveness probe (see ``useProbe(_:)``).
+    private let probeSlot = Mutex<(any ConnectionProbe)?>(nil)
     private let eventStream: AsyncStream<LimiterEvent>
     let eventContinuation: AsyncStream<LimiterEvent>.Continuation
 
@@ -93,7 +86,11 @@ public final class ConnectionLimiter: Service, Sendable {
         self.configuration = configuration
         self.keys = LimiterKeys(prefix: configuration.keyPrefix)
         self.metrics = LimiterMetrics(factory: configuration.metricsFactory)
-        self.state = Mutex(State(node: ConnectionIDs.random(length: 8)))
+        self.state = Mutex(
+            State(
+                life: NodeLifecycle(
+                    node: ConnectionIDs.random(length: 8), heartbeatInterval: configuration.heartbeat.interval,
+                    nodeTTL: configuration.heartbeat.nodeTTL, onLeaseLoss: configuration.policies.onLeaseLoss)))
         self.logger = logger
         (eventStream, eventContinuation) = AsyncStream.makeStream(bufferingPolicy: .unbounded)
     }
@@ -101,13 +98,22 @@ public final class ConnectionLimiter: Service, Sendable {
     /// What the gateway must act on: kicks, lease loss, fencing, Redis down and back. One consumer.
     public var events: AsyncStream<LimiterEvent> { eventStream }
 
+    /// Installs the liveness probe the emergency cleanup runs on this node's silent connections of a user at the
+    /// limit (see ``ConnectionProbe``). Call it before ``run()``; without one, connections open here always count
+    /// as alive.
+    public func useProbe(_ probe: any ConnectionProbe) {
+        probeSlot.withLock { $0 = probe }
+    }
+
+    var probe: (any ConnectionProbe)? { probeSlot.withLock { $0 } }
+
     /// The current node incarnation id (it changes when the node re-registers after losing its lease).
     public var nodeID: String { state.withLock { $0.node } }
 
     /// Whether the node is registered in Redis, its lease is current and it listens on its control channel (for
     /// readiness checks: only then can other nodes ask it to verify or close connections).
     public var isRegistered: Bool {
-        state.withLock { $0.registered && !$0.leaseLost && $0.listeningAs == $0.node }
+        state.withLock { $0.life.isCurrent && $0.listeningAs == $0.node }
     }
 
     /// Waits until the node is first registered and listening on its control channel (see ``isRegistered``), at
@@ -139,7 +145,7 @@ public final class ConnectionLimiter: Service, Sendable {
     @discardableResult
     func removeLocally(_ id: String, from state: inout State) -> LocalTable.Connection? {
         guard let (connection, last) = state.table.remove(id) else { return nil }
-        if last, state.registered {
+        if last, state.life.registered {
             let leave = RedisCommand("SREM", keys.users(state.node), connection.user.escaped)
             try? redis.sendWithoutReply(leave, timeout: configuration.admissionTimeout)
         }
@@ -162,10 +168,8 @@ public final class ConnectionLimiter: Service, Sendable {
     /// graceful shutdown (which releases every entry and deregisters) or cancellation (which just stops).
     public func run() async throws {
         try configuration.validate()
-        state.withLock { state in
-            state.running = true
-            state.startedAt = clock.now
-        }
+        let now = clock.now
+        state.withLock { $0.life.start(at: now) }
         await withGracefulShutdownHandler {
             await withDiscardingTaskGroup { group in
                 group.addTask { await self.heartbeatLoop() }
@@ -180,9 +184,9 @@ public final class ConnectionLimiter: Service, Sendable {
         } onGracefulShutdown: {
             self.shutdownGracefully()
         }
-        let graceful = state.withLock { $0.stopRequested }
+        let graceful = state.withLock { $0.life.shutdownRequested }
         if graceful && !Task.isCancelled { await drain() }
-        state.withLock { $0.running = false }
+        state.withLock { $0.life.stop() }
         firstRegistration.open()
         firstReady.open()
         eventContinuation.finish()
@@ -191,7 +195,7 @@ public final class ConnectionLimiter: Service, Sendable {
     /// Ends ``run()`` gracefully: every entry of this node is released and the node deregistered.
     public func shutdownGracefully() {
         let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
-            state.stopRequested = true
+            _ = state.life.requestShutdown()
             defer { state.stopWaiter = nil }
             return state.stopWaiter
         }
@@ -202,7 +206,7 @@ public final class ConnectionLimiter: Service, Sendable {
         await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
                 let stopNow = state.withLock { state -> Bool in
-                    if state.stopRequested || Task.isCancelled { return true }
+                    if state.life.shutdownRequested || Task.isCancelled { return true }
                     state.stopWaiter = continuation
                     return false
                 }
@@ -220,7 +224,7 @@ public final class ConnectionLimiter: Service, Sendable {
     /// Releases every entry of this node and removes the node from the registry.
     private func drain() async {
         let (node, registered, connections) = state.withLock { state in
-            (state.node, state.registered, state.table.connections.filter { $0.value.node != nil })
+            (state.node, state.life.registered, state.table.connections.filter { $0.value.node != nil })
         }
         guard registered else { return }
         let releases: [PipelineStep] = connections.map { id, connection in
@@ -249,7 +253,7 @@ public final class ConnectionLimiter: Service, Sendable {
             nodeLogger(node).info("deregistration failed; peers will sweep this node", metadata: [LogKey.error: "\(error)"])
         }
         state.withLock { state in
-            state.registered = false
+            state.life.deregistered()
             for id in connections.keys { state.table.remove(id) }
         }
         metrics.activeConnections.record(0)

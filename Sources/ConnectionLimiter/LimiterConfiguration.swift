@@ -22,6 +22,14 @@ public struct LimiterConfiguration: Sendable {
         public init() {}
     }
 
+    /// The liveness probe of the emergency cleanup (used when the embedder supplies a ``ConnectionProbe``).
+    public struct Probe: Sendable, Hashable {
+        /// How long a probed client has to answer (a WebSocket pong, in the gateway). Defaults to 500 ms.
+        public var timeout: Duration = .milliseconds(500)
+        /// Creates the defaults.
+        public init() {}
+    }
+
     /// What to do when a user is at the limit.
     public enum OverflowPolicy: String, Sendable, Hashable, CaseIterable {
         /// Deny the new connection (the default).
@@ -75,8 +83,11 @@ public struct LimiterConfiguration: Sendable {
     public var lease = Lease()
     /// Policies.
     public var policies = Policies()
-    /// How long a denial waits for other nodes to verify their entries before the one retry. Defaults to 250 ms.
-    public var verifyTimeout: Duration = .milliseconds(250)
+    /// The liveness probe's settings.
+    public var probe = Probe()
+    /// How long a denial waits for other nodes to verify their entries (and probe their silent connections) before
+    /// the one retry; longer than ``Probe/timeout``. Defaults to 1 second.
+    public var verifyTimeout: Duration = .seconds(1)
     /// Deadline of one admission round trip; past it Redis counts as down for this admission. Defaults to 1 second.
     public var admissionTimeout: Duration = .seconds(1)
     /// Where metrics go. Defaults to the process-wide `MetricsSystem.factory`.
@@ -107,6 +118,10 @@ public struct LimiterConfiguration: Sendable {
         }
         guard lease.renewInterval > .zero, lease.ttl >= lease.renewInterval * 2 else {
             throw invalid("lease.ttl (\(lease.ttl)) must be at least twice lease.renewInterval (\(lease.renewInterval))")
+        }
+        guard probe.timeout > .zero, verifyTimeout > probe.timeout else {
+            throw invalid(
+                "verifyTimeout (\(verifyTimeout)) must be longer than probe.timeout (\(probe.timeout)): other nodes probe within the verify wait")
         }
     }
 }

@@ -10,6 +10,9 @@ public enum LimiterEvent: Sendable, Hashable {
         case deniedAfterLeaseLoss
         /// Its entry was gone at a lease renewal and the user was full by then.
         case lostAtRenewal
+        /// Kicked (by an operator, or evicted by a newer connection) while the kick message did not reach this node:
+        /// its lease renewal found the entry marked kicked in Redis. Close with 4409.
+        case kickedAtRenewal
     }
 
     /// Close this connection now (4409 in the gateway); the limiter has already dropped its entry.

@@ -6,8 +6,9 @@ struct LimiterKeys: Sendable {
     func conns(_ user: UserID) -> String { "\(prefix):{u:\(user.escaped)}:conns" }
     func since(_ user: UserID) -> String { "\(prefix):{u:\(user.escaped)}:since" }
     func limit(_ user: UserID) -> String { "\(prefix):{u:\(user.escaped)}:limit" }
-    /// The three keys every per-user script takes, in script order (conns, limit, since).
-    func userKeys(_ user: UserID) -> [String] { [conns(user), limit(user), since(user)] }
+    func kicked(_ user: UserID) -> String { "\(prefix):{u:\(user.escaped)}:kicked" }
+    /// The four keys the admission and renewal scripts take, in script order (conns, limit, since, kicked).
+    func userKeys(_ user: UserID) -> [String] { [conns(user), limit(user), since(user), kicked(user)] }
 
     var nodes: String { "\(prefix):nodes" }
     var sweeper: String { "\(prefix):sweeper" }

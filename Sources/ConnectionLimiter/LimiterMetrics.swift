@@ -11,6 +11,7 @@ struct LimiterMetrics: Sendable {
     let evictedZombie: Counter
     let evictedKicked: Counter
     let evictedTrimmed: Counter
+    let evictedProbe: Counter
     let activeConnections: Gauge
     let sweeps: Counter
     let sweepDuration: Timer
@@ -28,6 +29,7 @@ struct LimiterMetrics: Sendable {
         evictedZombie = Counter(label: "fleetgate_evictions_total", dimensions: [("reason", "zombie")], factory: factory)
         evictedKicked = Counter(label: "fleetgate_evictions_total", dimensions: [("reason", "kicked")], factory: factory)
         evictedTrimmed = Counter(label: "fleetgate_evictions_total", dimensions: [("reason", "trimmed")], factory: factory)
+        evictedProbe = Counter(label: "fleetgate_evictions_total", dimensions: [("reason", "probe")], factory: factory)
         activeConnections = Gauge(label: "fleetgate_local_connections", factory: factory)
         sweeps = Counter(label: "fleetgate_sweeps_total", factory: factory)
         sweepDuration = Timer(label: "fleetgate_sweep_duration_seconds", factory: factory)

@@ -9,8 +9,9 @@ struct LimiterScripts: Sendable {
     let purge: RedisScript
     let heartbeat: RedisScript
     let sweeperLock: RedisScript
+    let kick: RedisScript
 
-    var all: [RedisScript] { [admit, release, renew, purge, heartbeat, sweeperLock] }
+    var all: [RedisScript] { [admit, release, renew, purge, heartbeat, sweeperLock, kick] }
 
     static let shared: LimiterScripts = {
         func load(_ name: String) -> RedisScript {
@@ -28,7 +29,8 @@ struct LimiterScripts: Sendable {
             renew: load("renew"),
             purge: load("purge"),
             heartbeat: load("heartbeat"),
-            sweeperLock: load("sweeper-lock")
+            sweeperLock: load("sweeper-lock"),
+            kick: load("kick")
         )
     }()
 }

@@ -3,6 +3,12 @@
 /// Any UTF-8 text of 1 to 256 bytes is accepted. In keys, `%`, `{`, `}` and control characters are percent-escaped,
 /// so every key of a user stays in that user's Redis Cluster hash slot (`{u:<escaped>}`) and two different ids never
 /// share a key. Longer or empty ids are refused, never truncated.
+///
+/// **One rule for identity: ids are compared as bytes** (their UTF-8 encoding), everywhere — this type's `==` and
+/// hash (the node's local table), Redis keys, logs. Nothing is normalised: "é" (U+00E9, NFC) and "e\u{301}" (NFD)
+/// are two users, as Redis sees them, and as RFC 7519 compares a token's `sub` (no transformation). Swift's own
+/// `String ==` would call them equal (canonical equivalence) and let the local count disagree with Redis's; an
+/// application that wants them to be one user normalises its ids before they reach the limiter.
 public struct UserID: Sendable, Hashable, CustomStringConvertible {
     /// The most bytes (UTF-8) an id may have.
     public static let maximumBytes = 256
@@ -29,15 +35,19 @@ public struct UserID: Sendable, Hashable, CustomStringConvertible {
 
     /// Rebuilds an id from its escaped form (as found in keys and the users index); `nil` if it is not one.
     public init?(escaped: String) {
-        guard let raw = Self.unescape(escaped), let id = try? UserID(raw), id.escaped == escaped else { return nil }
+        guard let raw = Self.unescape(escaped), let id = try? UserID(raw), id.escaped.utf8.elementsEqual(escaped.utf8) else { return nil }
         self = id
     }
 
     public var description: String { rawValue }
 
-    // The escaped form follows from the raw one: compare and hash the raw id only.
-    public static func == (lhs: UserID, rhs: UserID) -> Bool { lhs.rawValue == rhs.rawValue }
-    public func hash(into hasher: inout Hasher) { hasher.combine(rawValue) }
+    // Bytes, not Swift's canonical equivalence (see the type's documentation). The escaped form is a one-to-one
+    // image of the raw bytes, so comparing it is comparing them.
+    public static func == (lhs: UserID, rhs: UserID) -> Bool { lhs.escaped.utf8.elementsEqual(rhs.escaped.utf8) }
+    public func hash(into hasher: inout Hasher) {
+        hasher.combine(escaped.utf8.count)
+        for byte in escaped.utf8 { hasher.combine(byte) }
+    }
 
     static func escape(_ text: String) -> String {
         var out: [UInt8] = []

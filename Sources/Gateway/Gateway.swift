@@ -52,6 +52,7 @@ public final class Gateway: Service, Sendable {
         self.core = GatewayCore(
             configuration: configuration, verifier: verifier, limiter: limiter, handler: handler,
             metrics: GatewayMetrics(factory: metricsFactory), logger: logger)
+        if configuration.limiterEnabled, configuration.probeEnabled, let limiter { limiter.useProbe(core) }
         self.redis = redis
         self.prometheus = prometheus
         self.onListening = onListening

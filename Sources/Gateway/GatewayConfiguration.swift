@@ -23,6 +23,13 @@ public struct GatewayConfiguration: Sendable {
     public var pingInterval: Duration = .seconds(15)
     /// How many pings in a row may go unanswered before the connection is closed and released. Defaults to 2.
     public var missedPongLimit: Int = 2
+    /// Whether the emergency cleanup of a denial probes this node's silent connections of the user (a ping that must
+    /// be answered within the limiter's ``LimiterConfiguration/Probe/timeout``; failures close with 4410). Defaults
+    /// to `true`.
+    public var probeEnabled: Bool = true
+    /// A connection that sent a frame (or answered a ping) this recently counts as alive without a probe. Defaults
+    /// to 1 second.
+    public var probeIdle: Duration = .seconds(1)
     /// The largest WebSocket frame accepted (larger ones are closed with 1009). Defaults to 64 KiB.
     public var maxFrameSize: Int = 64 * 1024
     /// The largest message (all frames of a fragmented message) accepted. Defaults to 1 MiB.
@@ -50,6 +57,7 @@ public struct GatewayConfiguration: Sendable {
         guard !host.isEmpty else { throw GatewayConfigurationError("the listen host is empty") }
         guard pingInterval >= .milliseconds(100) else { throw GatewayConfigurationError("the ping interval must be at least 100 ms") }
         guard missedPongLimit >= 1 else { throw GatewayConfigurationError("the missed-pong limit must be at least 1") }
+        guard probeIdle >= .zero else { throw GatewayConfigurationError("the probe idle time must not be negative") }
         guard (125...16 * 1024 * 1024).contains(maxFrameSize) else {
             throw GatewayConfigurationError("the maximum frame size must be from 125 bytes to 16 MiB")
         }

@@ -11,7 +11,7 @@ import ServiceLifecycle
 
 /// The state shared by every connection of one node: admission at the upgrade, the table of open connections (for
 /// kicks, fencing and drain), and the session loop.
-final class GatewayCore: Sendable {
+final class GatewayCore: ConnectionProbe, Sendable {
     /// One connection from its admission to its close.
     struct Entry {
         var user: String
@@ -468,6 +468,7 @@ final class GatewayCore: Sendable {
         case .operatorRequest: return "closed by an operator"
         case .deniedAfterLeaseLoss: return "over the limit after the node re-registered"
         case .lostAtRenewal: return "the connection's entry was lost in Redis"
+        case .kickedAtRenewal: return "kicked: closed by an operator or evicted by a newer connection"
         }
     }
 
@@ -492,6 +493,36 @@ final class GatewayCore: Sendable {
         // Each connection ends by itself once its client answers the close frame (or the close timeout passes).
         await drained.wait(timeout: ContinuousClock.now.duration(to: deadline))
         return connectionCount
+    }
+
+    // MARK: Liveness probe
+
+    /// Probes this node's open sessions among `connections` (see ``SessionConnection/probe(idle:timeout:)``); closes
+    /// the ones that fail with 4410. A connection whose upgrade is still under way counts as alive.
+    func probe(connections: [String], user: String, timeout: Duration) async -> Set<String> {
+        let sessions = state.withLockedValue { state in
+            connections.compactMap { id in state.entries[id]?.connection.map { (id: id, connection: $0) } }
+        }
+        let idle = configuration.probeIdle
+        let failed = await withTaskGroup(of: (id: String, connection: SessionConnection)?.self) { group in
+            for session in sessions {
+                group.addTask { await session.connection.probe(idle: idle, timeout: timeout) ? nil : session }
+            }
+            var failed: [(id: String, connection: SessionConnection)] = []
+            for await result in group { if let result { failed.append(result) } }
+            return failed
+        }
+        guard !failed.isEmpty else { return [] }
+        let milliseconds = Gateway.milliseconds(timeout)
+        for session in failed {
+            // The client is presumed gone: don't wait for its close frame.
+            session.connection.close(
+                code: GatewayCloseCode.probeFailed, reason: "liveness probe: no answer within \(milliseconds) ms", waitForAnswer: false)
+        }
+        logger.info(
+            "closed connections that failed the liveness probe",
+            metadata: ["fleetgate.user": "\(user)", "fleetgate.closed": "\(failed.count)", "fleetgate.probed": "\(sessions.count)"])
+        return Set(failed.map(\.id))
     }
 
     // MARK: Request parsing

@@ -23,7 +23,7 @@ struct GatewayMetrics: Sendable {
         self.upgradeCounters = upgradeCounters
         sessions = Gauge(label: "fleetgate_gateway_sessions", factory: factory)
         var closeCounters: [UInt16: Counter] = [:]
-        for code: UInt16 in [1000, 1001, 1002, 1006, 1007, 1008, 1009, 1011, 1012, 1013, 4409, 4429] {
+        for code in GatewayCloseCode.all {
             closeCounters[code] = Counter(label: "fleetgate_gateway_closes_total", dimensions: [("code", String(code))], factory: factory)
         }
         self.closeCounters = closeCounters

@@ -28,6 +28,12 @@ final class SessionConnection: Sendable {
         /// Client pings in the current one-second window (a flood is closed with 1008).
         var pingWindowStart: ContinuousClock.Instant = .now
         var pingsInWindow = 0
+        /// The last frame from the client (or the upgrade): a probe skips a connection that spoke recently.
+        var lastSignOfLife: ContinuousClock.Instant = .now
+        /// Liveness probes waiting for any frame from the client after the probe's ping.
+        var probeWaiters: [CheckedContinuation<Bool, Never>] = []
+        /// Ends the probe under way (answers its waiters "dead") at its deadline.
+        var probeTimer: Scheduled<Void>?
     }
 
     /// Client pings per second above which the connection is closed with 1008 (policy violation).
@@ -139,9 +145,65 @@ final class SessionConnection: Sendable {
         }
     }
 
-    /// Records that the client is alive (a pong, or any frame).
+    /// Records that the client is alive (a pong, or any frame); answers a probe under way.
     func clientIsAlive() {
-        state.withLockedValue { $0.unansweredPings = 0 }
+        let waiters = state.withLockedValue { state -> [CheckedContinuation<Bool, Never>] in
+            state.unansweredPings = 0
+            state.lastSignOfLife = .now
+            guard !state.probeWaiters.isEmpty else { return [] }
+            defer {
+                state.probeWaiters = []
+                state.probeTimer?.cancel()
+                state.probeTimer = nil
+            }
+            return state.probeWaiters
+        }
+        for waiter in waiters { waiter.resume(returning: true) }
+    }
+
+    /// The liveness probe of an emergency cleanup: whether the client is alive. A client that sent a frame within
+    /// `idle` is alive without a round trip; otherwise it gets a ping and must send something (its pong) within
+    /// `timeout`. Concurrent probes of one connection share one ping and its deadline. A connection that is already
+    /// closing counts as gone. The caller closes a connection that failed.
+    func probe(idle: Duration, timeout: Duration) async -> Bool {
+        enum Start { case alive, gone, wait(sendPing: Bool) }
+        let now = ContinuousClock.now
+        let eventLoop = channel.eventLoop
+        return await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+            let start = state.withLockedValue { state -> Start in
+                if state.closingWith != nil { return .gone }
+                if now - state.lastSignOfLife < idle { return .alive }
+                state.probeWaiters.append(continuation)
+                guard state.probeTimer == nil else { return .wait(sendPing: false) }
+                state.probeTimer = eventLoop.scheduleTask(in: .init(timeout)) { [self] in self.probeExpired() }
+                return .wait(sendPing: true)
+            }
+            switch start {
+            case .alive:
+                continuation.resume(returning: true)
+            case .gone:
+                continuation.resume(returning: false)
+            case .wait(let sendPing):
+                guard sendPing else { return }
+                var data = channel.allocator.buffer(capacity: 5)
+                data.writeString("probe")
+                let (outbound, frame) = (outbound, WebSocketFrame(fin: true, opcode: .ping, data: data))
+                // The deadline runs on the event loop whatever the write does (a client that reads nothing blocks it).
+                Task { try? await outbound.write(frame) }
+            }
+        }
+    }
+
+    /// The probe's deadline passed without a frame from the client.
+    private func probeExpired() {
+        let waiters = state.withLockedValue { state -> [CheckedContinuation<Bool, Never>] in
+            defer {
+                state.probeWaiters = []
+                state.probeTimer = nil
+            }
+            return state.probeWaiters
+        }
+        for waiter in waiters { waiter.resume(returning: false) }
     }
 
     /// Starts the closing handshake: sends a close frame with `code` and `reason` (once; later calls do nothing) and
@@ -228,34 +290,4 @@ final class SessionConnection: Sendable {
     func cancelCloseTimer() {
         state.withLockedValue { $0.closeTimer?.cancel() }
     }
-}
-
-/// The close codes the gateway uses.
-public enum GatewayCloseCode {
-    /// The handler finished normally.
-    public static let normal: UInt16 = 1000
-    /// The node is shutting down (drain).
-    public static let goingAway: UInt16 = 1001
-    /// The client broke the WebSocket protocol.
-    public static let protocolError: UInt16 = 1002
-    /// The connection ended without a closing handshake (the client vanished); recorded, never sent.
-    public static let abnormal: UInt16 = 1006
-    /// A text message was not valid UTF-8.
-    public static let invalidData: UInt16 = 1007
-    /// The client missed too many pongs (or read nothing for as long).
-    public static let pingTimeout: UInt16 = 1001
-    /// The client broke a rule of this gateway (too many pings).
-    public static let policyViolation: UInt16 = 1008
-    /// A message was larger than the limit.
-    public static let messageTooBig: UInt16 = 1009
-    /// The handler failed.
-    public static let internalError: UInt16 = 1011
-    /// The node lost its lease in Redis and, with policy `close`, closes everything (clients should reconnect).
-    public static let serviceRestart: UInt16 = 1012
-    /// Redis is unavailable and the policy is `reject` (try again later).
-    public static let tryAgainLater: UInt16 = 1013
-    /// The connection was kicked: evicted by a newer one (evict-oldest) or by an operator.
-    public static let kicked: UInt16 = 4409
-    /// The connection was denied (`--deny-mode close`): the user is at their limit.
-    public static let limitExceeded: UInt16 = 4429
 }

@@ -56,8 +56,14 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Node TTL: a node silent this long is dead and swept. [env: FLEETGATE_NODE_TTL] (default: 5s)") var nodeTTL: String?
     @Option(help: "Connection lease TTL in Redis. [env: FLEETGATE_LEASE_TTL] (default: 30s)") var leaseTTL: String?
     @Option(help: "Connection lease renewal interval. [env: FLEETGATE_LEASE_RENEW_INTERVAL] (default: 10s)") var leaseRenewInterval: String?
-    @Option(help: "How long a denial waits for other nodes to verify zombies. [env: FLEETGATE_VERIFY_TIMEOUT] (default: 250ms)")
+    @Option(
+        help: "How long a denial waits for other nodes to verify zombies and probe silent clients; longer than --probe-timeout. [env: FLEETGATE_VERIFY_TIMEOUT] (default: 1s)"
+    )
     var verifyTimeout: String?
+    @Option(help: "Probe the user's silent connections when a denial cleans up (on/off). [env: FLEETGATE_PROBE] (default: on)") var probe: String?
+    @Option(help: "How long a probed client has to answer the probe's ping (else: close 4410). [env: FLEETGATE_PROBE_TIMEOUT] (default: 500ms)")
+    var probeTimeout: String?
+    @Option(help: "A client that sent a frame this recently is not probed. [env: FLEETGATE_PROBE_IDLE] (default: 1s)") var probeIdle: String?
 
     // Sessions
     @Option(help: "Server ping interval. [env: FLEETGATE_PING_INTERVAL] (default: 15s)") var pingInterval: String?
@@ -184,6 +190,9 @@ struct ServeSettings {
             limiter.lease.renewInterval = value
         }
         if let value = try duration(serve.verifyTimeout, "FLEETGATE_VERIFY_TIMEOUT", "verify-timeout") { limiter.verifyTimeout = value }
+        if let value = try onOff(serve.probe, "FLEETGATE_PROBE", "probe") { gateway.probeEnabled = value }
+        if let value = try duration(serve.probeTimeout, "FLEETGATE_PROBE_TIMEOUT", "probe-timeout") { limiter.probe.timeout = value }
+        if let value = try duration(serve.probeIdle, "FLEETGATE_PROBE_IDLE", "probe-idle") { gateway.probeIdle = value }
 
         if let value = try duration(serve.pingInterval, "FLEETGATE_PING_INTERVAL", "ping-interval") { gateway.pingInterval = value }
         if let value = try int(serve.missedPongs, "FLEETGATE_MISSED_PONGS") { gateway.missedPongLimit = value }

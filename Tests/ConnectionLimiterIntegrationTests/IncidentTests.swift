@@ -6,7 +6,7 @@ import Testing
 /// The incident this project started from, and the limit under concurrency.
 @Suite("Admission against real Redis: the incident, the limit, concurrency", .timeLimit(.minutes(2)))
 struct IncidentTests {
-    @Test("20 zombies of three kinds never lock a user out: the 21st connection is admitted in under 1 s")
+    @Test("20 zombies of three kinds never lock a user out: the 21st connection is admitted in under 2 s")
     func zombiesDoNotLockOut() async throws {
         let server = try await SharedRedisServer.get()
         let configuration = testConfiguration()
@@ -30,7 +30,8 @@ struct IncidentTests {
             try await a.limiter.mustAdmit("alice smith", "c21")
             let elapsed = started.duration(to: clock.now)
             print("21st connection after 20 zombies admitted in \(elapsed)")
-            #expect(elapsed < .seconds(1))
+            // The promise (guarantee 4); the suite shares two cores, so the typical figure is for the benchmarks.
+            #expect(elapsed < .seconds(2))
         }
         await a.stop()
         await b.stop()
@@ -51,7 +52,7 @@ struct IncidentTests {
             try await a.limiter.mustAdmit("bea trice", "c21")
             let elapsed = started.duration(to: clock.now)
             print("21st connection after 20 zombies of a live peer admitted in \(elapsed)")
-            #expect(elapsed < .seconds(1))
+            #expect(elapsed < .seconds(2))
             let left = try await redis.send("ZRANGE", conns, 0, -1).array?.compactMap(\.string) ?? []
             #expect(left == ["\(a.limiter.nodeID):c21"])
         }

@@ -19,6 +19,29 @@ struct UserIDTests {
         #expect(try UserID("a{b").escaped == "a%7Bb")
     }
 
+    @Test("ids compare as bytes: NFC and NFD spellings of one name are two users, in the table and in keys")
+    func bytesNotCanonicalEquivalence() throws {
+        let composed = try UserID("caf\u{E9}")
+        let decomposed = try UserID("cafe\u{301}")
+        // Swift's String calls them equal; the limiter must not (Redis keys compare bytes).
+        #expect(composed.rawValue == decomposed.rawValue)
+        #expect(composed != decomposed)
+        #expect(Set([composed, decomposed]).count == 2)
+        #expect(!composed.escaped.utf8.elementsEqual(decomposed.escaped.utf8))
+        let keys = LimiterKeys(prefix: "fg")
+        #expect(!keys.conns(composed).utf8.elementsEqual(keys.conns(decomposed).utf8))
+        #expect(try UserID("caf\u{E9}") == composed)
+        #expect(UserID(escaped: decomposed.escaped) == decomposed)
+        var table = LocalTable()
+        let added = table.addPending("c1", user: composed, limit: 1)
+        let admitted = table.admitted("c1", node: "n1")
+        #expect(added && admitted)
+        #expect(table.openCount(of: composed) == 1)
+        #expect(table.openCount(of: decomposed) == 0)
+        let taken = !table.addPending("c1", user: decomposed, limit: 1)
+        #expect(taken, "a connection id belongs to one user, by bytes")
+    }
+
     @Test("empty and oversized ids are refused with the reason")
     func bounds() throws {
         #expect(throws: LimiterError.self) { try UserID("") }

@@ -77,8 +77,9 @@ struct BenchAdmitTests {
         runner.prefix = "fgbench-test"
         #expect(
             runner.referenceArguments == [
-                "-c", "3", "-n", "1000", "-P", "7", "-r", "42", "EVALSHA", "e0e1f9fabfc9d4800c877a703b823ac0578ff8db", "3",
+                "-c", "3", "-n", "1000", "-P", "7", "-r", "42", "EVALSHA", "e0e1f9fabfc9d4800c877a703b823ac0578ff8db", "4",
                 "fgbench-test:r:{u:__rand_int__}:conns", "fgbench-test:r:{u:__rand_int__}:limit", "fgbench-test:r:{u:__rand_int__}:since",
+                "fgbench-test:r:{u:__rand_int__}:kicked",
                 "benchnode:__rand_int__", "9", "30000", "reject", "0",
             ])
         #expect(AdmitBenchRunner.digits(42) == "000000000042")

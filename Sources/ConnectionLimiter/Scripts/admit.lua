@@ -4,6 +4,8 @@
 -- KEYS[1]  P:{u:<user>}:conns   ZSET member "<node>:<conn>", score = lease expiry (ms, Redis clock)
 -- KEYS[2]  P:{u:<user>}:limit   STRING optional per-user override of the limit
 -- KEYS[3]  P:{u:<user>}:since   ZSET member -> admission time (ms); maintained only with ARGV[4] = "evict" or "yield"
+-- KEYS[4]  P:{u:<user>}:kicked  ZSET member -> marker expiry (ms): evicted members are marked there, so their owner's
+--          renewal never re-adds them (kick.lua does the same for operator kicks); marked for 2 × the lease TTL
 -- ARGV[1]  member "<node>:<conn>"
 -- ARGV[2]  limit to apply when KEYS[2] is absent (the caller's default or token claim)
 -- ARGV[3]  lease TTL in ms
@@ -16,8 +18,8 @@
 --   status 1 = admitted, 2 = admitted after evicting the oldest (extra = evicted members, oldest first),
 --          3 = already admitted (lease refreshed), 0 = denied (extra = current holders, "<member>|<expiry ms>")
 --          4 = dry run: admitted although the limit would have denied
--- Run by hand: redis-cli --eval admit.lua fg:{u:alice}:conns fg:{u:alice}:limit fg:{u:alice}:since , n1:c1 20 30000 reject 0
-local conns, limitKey, sinceKey = KEYS[1], KEYS[2], KEYS[3]
+-- Run by hand: redis-cli --eval admit.lua fg:{u:alice}:conns fg:{u:alice}:limit fg:{u:alice}:since fg:{u:alice}:kicked , n1:c1 20 30000 reject 0
+local conns, limitKey, sinceKey, kickedKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local member, ttl, policy, dryRun = ARGV[1], tonumber(ARGV[3]), ARGV[4], ARGV[5] == "1"
 local keepSince = policy == "evict" or policy == "yield"
 local t = redis.call('TIME')
@@ -99,6 +101,8 @@ if policy == "evict" and limit > 0 then
     end
   end
   add()
+  for _, m in ipairs(evicted) do redis.call('ZADD', kickedKey, now + 2 * ttl, m) end
+  redis.call('PEXPIRE', kickedKey, 2 * ttl)
   local result = {2, count + 1, limit, now, expired, deadRemoved}
   for _, m in ipairs(evicted) do result[#result + 1] = m end
   return result

@@ -6,8 +6,9 @@
 -- ARGV[2]  node TTL in ms
 -- ARGV[3]  "register" to add the node (a new incarnation), "beat" to extend an existing lease
 --
--- Returns {status, now, expired node ids…}: status 1 = lease extended (or registered), 0 = unknown node,
--- -1 = lease expired. The expired ids (at most 1000) are nodes whose lease ran out and are not swept yet.
+-- Returns {status, now, live, expired node ids…}: status 1 = lease extended (or registered), 0 = unknown node,
+-- -1 = lease expired; live = how many nodes hold a current lease (the local fallback's share of a limit is
+-- ceil(limit / live)). The expired ids (at most 1000) are nodes whose lease ran out and are not swept yet.
 -- Run by hand: redis-cli --eval heartbeat.lua fg:nodes , k3Xq9aZ2 5000 register
 local nodes, node, ttl = KEYS[1], ARGV[1], tonumber(ARGV[2])
 local t = redis.call('TIME')
@@ -27,7 +28,7 @@ else
 end
 -- The registry outlives its last live node by a few TTLs, so a fleet that stops entirely leaves no key behind.
 if status == 1 then redis.call('PEXPIRE', nodes, ttl * 3) end
-local result = {status, now}
+local result = {status, now, redis.call('ZCOUNT', nodes, '(' .. now, '+inf')}
 for _, dead in ipairs(redis.call('ZRANGEBYSCORE', nodes, '-inf', now, 'LIMIT', 0, 1000)) do
   result[#result + 1] = dead
 end

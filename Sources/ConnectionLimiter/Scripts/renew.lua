@@ -5,6 +5,7 @@
 -- KEYS[1]  P:{u:<user>}:conns
 -- KEYS[2]  P:{u:<user>}:limit
 -- KEYS[3]  P:{u:<user>}:since
+-- KEYS[4]  P:{u:<user>}:kicked   ZSET of kicked members (kick.lua, admit.lua's evictions): never renewed or re-added
 -- ARGV[1]  lease TTL in ms
 -- ARGV[2]  limit to apply when KEYS[2] is absent
 -- ARGV[3]  overflow policy: "reject" or "evict" (then "since" is kept too)
@@ -13,10 +14,11 @@
 -- ARGV[6…5+n]  dead node ids: their members are dropped before counting
 -- ARGV[6+n…]   members "<node>:<conn>", oldest admission first (at most a few thousand per call)
 --
--- Returns {renewed, readded, lost…, "|", readded…}: lost members could not be re-added (the user is at the limit)
--- and their owner must close them; re-added ones are listed after "|" so the owner can check they are still open.
--- Run by hand: redis-cli --eval renew.lua fg:{u:alice}:conns fg:{u:alice}:limit fg:{u:alice}:since , 30000 20 reject 0 0 n1:c1
-local conns, limitKey, sinceKey = KEYS[1], KEYS[2], KEYS[3]
+-- Returns {renewed, readded, lost…, "|", readded…, "|", kicked…}: lost members could not be re-added (the user is at
+-- the limit) and their owner must close them; re-added ones are listed after the first "|" so the owner can check
+-- they are still open; kicked ones (removed again if a renewal had re-added them) must be closed as kicked.
+-- Run by hand: redis-cli --eval renew.lua fg:{u:alice}:conns fg:{u:alice}:limit fg:{u:alice}:since fg:{u:alice}:kicked , 30000 20 reject 0 0 n1:c1
+local conns, limitKey, sinceKey, kickedKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local ttl, policy, dryRun = tonumber(ARGV[1]), ARGV[3], ARGV[4] == "1"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -29,9 +31,24 @@ if override and override == override and override >= 0 and override <= 1000000 a
 end
 local deadCount = tonumber(ARGV[5])
 local members = {}
+local kicked = {}
 for i = 6 + deadCount, #ARGV do members[#members + 1] = ARGV[i] end
 local result = {0, 0}
 if #members == 0 then return result end
+if redis.call('EXISTS', kickedKey) == 1 then
+  local marks = redis.call('ZMSCORE', kickedKey, unpack(members))
+  local kept = {}
+  for i, member in ipairs(members) do
+    if marks[i] and tonumber(marks[i]) > now then
+      redis.call('ZREM', conns, member)
+      redis.call('ZREM', sinceKey, member)
+      kicked[#kicked + 1] = member
+    else
+      kept[#kept + 1] = member
+    end
+  end
+  members = kept
+end
 local count = redis.call('ZCARD', conns)
 if deadCount > 0 and count >= limit then
   local dead = {}
@@ -45,7 +62,7 @@ if deadCount > 0 and count >= limit then
   end
   count = redis.call('ZCARD', conns)
 end
-local scores = redis.call('ZMSCORE', conns, unpack(members))
+local scores = #members > 0 and redis.call('ZMSCORE', conns, unpack(members)) or {}
 local readded = {}
 for i, member in ipairs(members) do
   if scores[i] then
@@ -65,4 +82,6 @@ redis.call('PEXPIRE', conns, ttl)
 if policy == "evict" then redis.call('PEXPIRE', sinceKey, ttl) end
 result[#result + 1] = "|"
 for _, member in ipairs(readded) do result[#result + 1] = member end
+result[#result + 1] = "|"
+for _, member in ipairs(kicked) do result[#result + 1] = member end
 return result

@@ -238,7 +238,7 @@ struct AdmitBenchRunner: Sendable {
         let keys = "\(prefix):r:{u:__rand_int__}"
         return [
             "-c", "\(clients)", "-n", "\(requests)", "-P", "\(pipeline)", "-r", "\(users)",
-            "EVALSHA", admitScript.sha1, "3", "\(keys):conns", "\(keys):limit", "\(keys):since",
+            "EVALSHA", admitScript.sha1, "4", "\(keys):conns", "\(keys):limit", "\(keys):since", "\(keys):kicked",
             "benchnode:__rand_int__", "\(limit)", "\(Self.throughputLease.components.seconds * 1000)", "reject", "0",
         ]
     }
@@ -317,7 +317,7 @@ struct AdmitBenchRunner: Sendable {
                 let index = task + (done + offset) * tasks
                 let keys = "\(keyPrefix):{u:\(Self.digits(index % users))}"
                 return RedisCommand(
-                    "EVALSHA", sha, 3, "\(keys):conns", "\(keys):limit", "\(keys):since", "benchnd1:\(Self.digits(index))", limit, lease,
+                    "EVALSHA", sha, 4, "\(keys):conns", "\(keys):limit", "\(keys):since", "\(keys):kicked", "benchnd1:\(Self.digits(index))", limit, lease,
                     "reject", "0")
             }
             for reply in try await admin.pipeline(commands) {

@@ -1,0 +1,58 @@
+import Synchronization
+
+extension ConnectionLimiter {
+    /// Hands the re-admission of this node's connections (after `previous` lost its lease) to the maintenance loop.
+    func schedule(readmissionAfter previous: String) {
+        let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+            state.pendingReadmission = previous
+            defer { state.maintenanceWaiter = nil }
+            return state.maintenanceWaiter
+        }
+        waiter?.resume()
+    }
+
+    /// Hands a sweep of dead nodes to the maintenance loop.
+    func schedule(sweep nodes: Set<String>) {
+        let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+            state.pendingSweep.formUnion(nodes)
+            state.sweeping = true
+            defer { state.maintenanceWaiter = nil }
+            return state.maintenanceWaiter
+        }
+        waiter?.resume()
+    }
+
+    /// Runs re-admissions and sweeps the heartbeat asked for, one at a time, so a long one never delays a heartbeat.
+    func maintenanceLoop() async {
+        while !Task.isCancelled {
+            await withTaskCancellationHandler {
+                await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                    let ready = state.withLock { state -> Bool in
+                        if state.pendingReadmission != nil || !state.pendingSweep.isEmpty || Task.isCancelled { return true }
+                        state.maintenanceWaiter = continuation
+                        return false
+                    }
+                    if ready { continuation.resume() }
+                }
+            } onCancel: {
+                let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+                    defer { state.maintenanceWaiter = nil }
+                    return state.maintenanceWaiter
+                }
+                waiter?.resume()
+            }
+            let (readmission, sweep) = state.withLock { state -> (String?, Set<String>) in
+                defer {
+                    state.pendingReadmission = nil
+                    state.pendingSweep = []
+                }
+                return (state.pendingReadmission, state.pendingSweep)
+            }
+            if let previous = readmission { await readmitAll(previous: previous) }
+            if !sweep.isEmpty {
+                await self.sweep(sweep)
+                state.withLock { $0.sweeping = false }
+            }
+        }
+    }
+}

@@ -1,0 +1,117 @@
+import Foundation
+import Logging
+import Metrics
+import RedisClient
+import Synchronization
+
+extension ConnectionLimiter {
+    /// Registers this node as a new incarnation (fresh random id) and writes its hash.
+    func register() async throws {
+        let node = ConnectionIDs.random(length: 8)
+        let sent = clock.now
+        let ttl = nodeTTLMilliseconds
+        let results = try await redis.pipeline(
+            [
+                .script(scripts.heartbeat, keys: [keys.nodes], arguments: [node, String(ttl), "register"]),
+                .command(
+                    RedisCommand(
+                        "HSET", keys.node(node),
+                        "name", configuration.nodeName,
+                        "address", configuration.nodeAddress,
+                        "pid", Int(ProcessInfo.processInfo.processIdentifier),
+                        "version", "0.1.0",
+                        "started", Int(Date().timeIntervalSince1970 * 1000),
+                        "conns", 0,
+                        "users", 0
+                    )
+                ),
+                .command(RedisCommand("PEXPIRE", keys.node(node), ttl * 3)),
+            ],
+            timeout: configuration.heartbeat.interval
+        )
+        let reply = try results[0].get()
+        guard reply.int(at: 0) == 1 else {
+            throw LimiterError(code: .unexpectedReply, message: "registration of node \(node) refused (id already taken): \(reply)")
+        }
+        // A fresh or restarted Redis has no scripts cached: load them all now rather than one NOSCRIPT at a time.
+        try? await redis.load(scripts)
+        let (previous, staleSubscription, ready) = state.withLock { state -> (String, RedisSubscription?, Bool) in
+            let previous = state.node
+            state.life.registered(as: node, sentAt: sent)
+            state.deadNodes.formUnion(reply.strings(from: 3))
+            state.liveNodes = max(1, reply.int(at: 2) ?? 1)
+            let listening = state.listeningAs == node
+            return (previous, listening ? nil : state.subscription, listening)
+        }
+        // The control loop moves to the new incarnation's channel when the old subscription ends.
+        staleSubscription?.unsubscribe()
+        firstRegistration.open()
+        if ready { firstReady.open() }
+        nodeLogger(node).info("node registered", metadata: ["fleetgate.previous-node": "\(previous)", "fleetgate.name": "\(configuration.nodeName)"])
+    }
+
+    /// The registry says this incarnation is gone (expired, or lost in a Redis restart): re-register at once (so the
+    /// heartbeats go on) and hand the re-admission of its connections to the maintenance loop.
+    func leaseExpired(node: String, status: Int) async {
+        let actions = state.withLock { $0.life.heartbeatRefused(for: node) }
+        if !actions.isEmpty {
+            nodeLogger(node).info("node lease lost", metadata: ["fleetgate.status": "\(status == 0 ? "unknown" : "expired")"])
+            emit(.leaseLost(node: node))
+        }
+        do {
+            try await register()
+        } catch {
+            heartbeatFailed(error)
+            return
+        }
+        schedule(readmissionAfter: node)
+    }
+
+    /// After re-registration: re-admit every open connection through the normal admission script, oldest first and
+    /// many at a time (pipelined). A connection denied now (its user was filled meanwhile) is closed: the node that
+    /// lost its lease yields. So the script runs with the "yield" policy under evict-oldest (admission times kept, no
+    /// eviction): a re-admission never evicts the connections other nodes admitted while this node was away.
+    func readmitAll(previous: String) async {
+        let (node, connections, dead) = state.withLock { state in
+            (state.node, state.table.openOldestFirst().filter { $0.connection.node != state.node }, state.deadList)
+        }
+        var readmitted = 0
+        var denied = 0
+        let batch = 256
+        for start in stride(from: 0, to: connections.count, by: batch) {
+            let chunk = connections[start..<min(start + batch, connections.count)]
+            let outcomes = await withTaskGroup(of: (String, LocalTable.Connection, AdmitReply?).self) { group in
+                for (id, connection) in chunk {
+                    group.addTask {
+                        let reply = try? await self.runAdmit(
+                            user: connection.user, connection: id, node: node, limit: connection.limit, dead: dead,
+                            policy: self.configuration.policies.overflow == .evictOldest ? "yield" : "reject")
+                        return (id, connection, reply)
+                    }
+                }
+                var outcomes: [(String, LocalTable.Connection, AdmitReply?)] = []
+                for await outcome in group { outcomes.append(outcome) }
+                return outcomes
+            }
+            for (id, connection, reply) in outcomes {
+                if reply?.status == .denied {
+                    denied += 1
+                    state.withLock { _ = removeLocally(id, from: &$0) }
+                    emit(.kick(connection: id, user: connection.user.rawValue, reason: .deniedAfterLeaseLoss))
+                } else if reply != nil {
+                    readmitted += 1
+                    if !state.withLock({ $0.table.adopt(id, node: node) }) {
+                        await removeMembers([Member(node: node, connection: id).text], of: connection.user)
+                    }
+                }
+                if reply == nil {
+                    // Redis failed again: count it locally; the next renewal round re-adds it under this node.
+                    state.withLock { $0.table.detach(id) }
+                }
+            }
+        }
+        metrics.activeConnections.record(localConnectionCount)
+        nodeLogger(node).info("node re-registered", metadata: ["fleetgate.readmitted": "\(readmitted)", "fleetgate.denied": "\(denied)"])
+        emit(.reregistered(node: node, readmitted: readmitted, denied: denied))
+    }
+}
