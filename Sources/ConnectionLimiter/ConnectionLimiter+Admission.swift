@@ -110,6 +110,11 @@ extension ConnectionLimiter {
             (node, viaRedis, dead, first) = (added, redis, deadNodes, firstHere)
         }
         guard viaRedis else {
+            // A caller that went away is never admitted on the local count.
+            if Task.isCancelled {
+                state.withLock { _ = removeLocally(connection, from: &$0) }
+                throw CancellationError()
+            }
             return try fallback(user: user, connection: connection, limit: limit, reason: "node \(node) is not registered in Redis", sent: nil)
         }
         let entryNode = node
@@ -136,7 +141,7 @@ extension ConnectionLimiter {
                 throw fencedError(node: entryNode, user: user, connection: connection)
             }
             return await finishAdmission(user: user, connection: connection, node: entryNode, reply: reply)
-        } catch let error as RedisError where Self.isUnavailability(error) {
+        } catch let error as RedisError where Self.isUnavailability(error) && !Task.isCancelled {
             do {
                 return try fallback(user: user, connection: connection, limit: limit, reason: error.message, sent: member)
             } catch {

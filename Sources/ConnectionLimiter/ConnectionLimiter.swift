@@ -126,6 +126,10 @@ public final class ConnectionLimiter: Service, Sendable {
         return isRegistered
     }
 
+    /// Nodes holding a current lease at this node's last good heartbeat (at least 1): the local fallback's share
+    /// of a limit is ⌈limit / liveNodeCount⌉.
+    public var liveNodeCount: Int { state.withLock { $0.liveNodes } }
+
     /// Connections open on this node.
     public var localConnectionCount: Int { state.withLock { $0.table.openCount } }
 

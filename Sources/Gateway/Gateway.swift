@@ -189,7 +189,10 @@ public final class Gateway: Service, Sendable {
         let ready = registered && redisStatus == "ok" && !draining
         return Self.json(
             ready ? .ok : .serviceUnavailable,
-            ["ready": ready, "registered": registered, "redis": redisStatus, "draining": draining, "node": limiter.nodeID])
+            [
+                "ready": ready, "registered": registered, "redis": redisStatus, "draining": draining, "node": limiter.nodeID,
+                "live_nodes": limiter.liveNodeCount,
+            ])
     }
 
     private func admin(_ request: Request, _ body: (ConnectionLimiter) async throws -> Response) async throws -> Response {

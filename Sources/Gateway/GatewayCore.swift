@@ -506,7 +506,11 @@ final class GatewayCore: ConnectionProbe, Sendable {
         let idle = configuration.probeIdle
         let failed = await withTaskGroup(of: (id: String, connection: SessionConnection)?.self) { group in
             for session in sessions {
-                group.addTask { await session.connection.probe(idle: idle, timeout: timeout) ? nil : session }
+                group.addTask {
+                    let outcome = await session.connection.probe(idle: idle, timeout: timeout)
+                    self.metrics.probed(outcome)
+                    return outcome == .failed ? session : nil
+                }
             }
             var failed: [(id: String, connection: SessionConnection)] = []
             for await result in group { if let result { failed.append(result) } }

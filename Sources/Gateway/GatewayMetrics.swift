@@ -12,6 +12,7 @@ struct GatewayMetrics: Sendable {
     private let sessions: Gauge
     private let closeCounters: [UInt16: Counter]
     private let otherClose: Counter
+    private let probeCounters: [ProbeOutcome: Counter]
     private let open = OpenCount()
 
     init(factory: any MetricsFactory) {
@@ -28,10 +29,20 @@ struct GatewayMetrics: Sendable {
         }
         self.closeCounters = closeCounters
         otherClose = Counter(label: "fleetgate_gateway_closes_total", dimensions: [("code", "other")], factory: factory)
+        var probeCounters: [ProbeOutcome: Counter] = [:]
+        for outcome in ProbeOutcome.allCases {
+            probeCounters[outcome] = Counter(label: "fleetgate_gateway_probes_total", dimensions: [("result", outcome.rawValue)], factory: factory)
+        }
+        self.probeCounters = probeCounters
     }
 
     func upgrades(_ result: UpgradeResult) {
         upgradeCounters[result.rawValue]?.increment()
+    }
+
+    /// One connection's liveness probe ended with `outcome`.
+    func probed(_ outcome: ProbeOutcome) {
+        probeCounters[outcome]?.increment()
     }
 
     func sessionOpened() {

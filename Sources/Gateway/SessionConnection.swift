@@ -3,6 +3,16 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOWebSocket
 
+/// What a liveness probe found.
+enum ProbeOutcome: String, Sendable, CaseIterable {
+    /// The client sent a frame within the probe's idle time: alive without a round trip.
+    case recentlyActive = "recent"
+    /// The client answered the probe's ping in time.
+    case answered
+    /// No answer within the deadline (or the connection was already closing).
+    case failed
+}
+
 /// The gateway's side of one WebSocket connection: frame I/O, pings, the closing handshake.
 ///
 /// Three tasks share it: the reader (``GatewayCore/serve(_:admitted:logger:)``), the handler (through
@@ -165,11 +175,13 @@ final class SessionConnection: Sendable {
     /// `idle` is alive without a round trip; otherwise it gets a ping and must send something (its pong) within
     /// `timeout`. Concurrent probes of one connection share one ping and its deadline. A connection that is already
     /// closing counts as gone. The caller closes a connection that failed.
-    func probe(idle: Duration, timeout: Duration) async -> Bool {
+    func probe(idle: Duration, timeout: Duration) async -> ProbeOutcome {
         enum Start { case alive, gone, wait(sendPing: Bool) }
         let now = ContinuousClock.now
         let eventLoop = channel.eventLoop
-        return await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+        let recent = state.withLockedValue { state in state.closingWith == nil && now - state.lastSignOfLife < idle }
+        if recent { return .recentlyActive }
+        let answered = await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
             let start = state.withLockedValue { state -> Start in
                 if state.closingWith != nil { return .gone }
                 if now - state.lastSignOfLife < idle { return .alive }
@@ -192,6 +204,7 @@ final class SessionConnection: Sendable {
                 Task { try? await outbound.write(frame) }
             }
         }
+        return answered ? .answered : .failed
     }
 
     /// The probe's deadline passed without a frame from the client.

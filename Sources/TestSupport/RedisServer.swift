@@ -292,6 +292,11 @@ public final class RedisServer: Sendable {
     /// - Throws: ``TestSupportError`` with stderr if `redis-cli` exits non-zero (e.g. the server is down), or if it
     ///   does not finish within 10 s (e.g. the server is paused), in which case it is killed.
     public func cli(_ arguments: String...) async throws -> String {
+        try await cli(arguments: arguments)
+    }
+
+    /// ``cli(_:)`` with the arguments as an array.
+    public func cli(arguments: [String]) async throws -> String {
         let executable = try Self.locateExecutable("redis-cli", package: "redis-tools")
         let scratch = try ProcessWatchdog.rootDirectory() + "/cli-\(UUID().uuidString)"
         let outputPath = scratch + ".out"
