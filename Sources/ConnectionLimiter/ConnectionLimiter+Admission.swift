@@ -82,7 +82,8 @@ extension ConnectionLimiter {
                 return .refused(
                     LimiterError(
                         code: .notRunning,
-                        message: "the limiter is not running (call run() first); connection \(connection) of user \"\(user)\" refused on node \(node)"))
+                        message: "the limiter is not running (call run() first); connection \(connection) of user \"\(user)\" refused on node \(node)"
+                    ))
             case .draining(let node):
                 return .refused(
                     LimiterError(

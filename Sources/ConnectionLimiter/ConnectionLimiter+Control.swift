@@ -82,7 +82,8 @@ extension ConnectionLimiter {
             if !stale.isEmpty {
                 let removed =
                     try await redis.eval(
-                        scripts.purge, keys: [keys.conns(user), keys.since(user)], arguments: ["members"] + stale, timeout: configuration.admissionTimeout
+                        scripts.purge, keys: [keys.conns(user), keys.since(user)], arguments: ["members"] + stale,
+                        timeout: configuration.admissionTimeout
                     ).int ?? 0
                 metrics.evictedZombie.increment(by: Int64(removed))
             }

@@ -123,7 +123,8 @@ extension ConnectionLimiter {
         }
         metrics.activeConnections.record(localConnectionCount)
         nodeLogger(node).info(
-            "node re-registered", metadata: ["fleetgate.readmitted": "\(readmitted)", "fleetgate.denied": "\(denied)", "fleetgate.kicked": "\(kicked)"])
+            "node re-registered",
+            metadata: ["fleetgate.readmitted": "\(readmitted)", "fleetgate.denied": "\(denied)", "fleetgate.kicked": "\(kicked)"])
         emit(.reregistered(node: node, readmitted: readmitted, denied: denied))
     }
 
@@ -131,7 +132,8 @@ extension ConnectionLimiter {
     /// failed look-up marks nothing: the renewal of the new member finds nothing to check, so such a kick is lost
     /// only if Redis fails right here.
     private func kickedWhileAway(_ chunk: [(id: String, connection: LocalTable.Connection)]) async -> Set<String> {
-        let held = chunk.compactMap { entry in entry.connection.node.map { (entry.id, entry.connection.user, Member(node: $0, connection: entry.id)) } }
+        let held = chunk.compactMap { entry in entry.connection.node.map { (entry.id, entry.connection.user, Member(node: $0, connection: entry.id)) }
+        }
         guard !held.isEmpty else { return [] }
         let steps: [PipelineStep] = held.map { .command(RedisCommand("ZSCORE", keys.kicked($0.1), $0.2.text)) }
         guard let results = try? await redis.pipeline(steps, timeout: configuration.admissionTimeout) else { return [] }

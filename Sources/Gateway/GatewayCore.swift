@@ -11,7 +11,7 @@ import ServiceLifecycle
 
 /// The state shared by every connection of one node: admission at the upgrade, the table of open connections (for
 /// kicks, fencing and drain), and the session loop.
-final class GatewayCore: ConnectionProbe, Sendable {
+final class GatewayCore: Sendable {
     /// One connection from its admission to its close.
     struct Entry {
         var user: String
@@ -493,40 +493,6 @@ final class GatewayCore: ConnectionProbe, Sendable {
         // Each connection ends by itself once its client answers the close frame (or the close timeout passes).
         await drained.wait(timeout: ContinuousClock.now.duration(to: deadline))
         return connectionCount
-    }
-
-    // MARK: Liveness probe
-
-    /// Probes this node's open sessions among `connections` (see ``SessionConnection/probe(idle:timeout:)``); closes
-    /// the ones that fail with 4410. A connection whose upgrade is still under way counts as alive.
-    func probe(connections: [String], user: String, timeout: Duration) async -> Set<String> {
-        let sessions = state.withLockedValue { state in
-            connections.compactMap { id in state.entries[id]?.connection.map { (id: id, connection: $0) } }
-        }
-        let idle = configuration.probeIdle
-        let failed = await withTaskGroup(of: (id: String, connection: SessionConnection)?.self) { group in
-            for session in sessions {
-                group.addTask {
-                    let outcome = await session.connection.probe(idle: idle, timeout: timeout)
-                    self.metrics.probed(outcome)
-                    return outcome == .failed ? session : nil
-                }
-            }
-            var failed: [(id: String, connection: SessionConnection)] = []
-            for await result in group { if let result { failed.append(result) } }
-            return failed
-        }
-        guard !failed.isEmpty else { return [] }
-        let milliseconds = Gateway.milliseconds(timeout)
-        for session in failed {
-            // The client is presumed gone: don't wait for its close frame.
-            session.connection.close(
-                code: GatewayCloseCode.probeFailed, reason: "liveness probe: no answer within \(milliseconds) ms", waitForAnswer: false)
-        }
-        logger.info(
-            "closed connections that failed the liveness probe",
-            metadata: ["fleetgate.user": "\(user)", "fleetgate.closed": "\(failed.count)", "fleetgate.probed": "\(sessions.count)"])
-        return Set(failed.map(\.id))
     }
 
     // MARK: Request parsing

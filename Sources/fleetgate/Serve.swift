@@ -57,7 +57,8 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Connection lease TTL in Redis. [env: FLEETGATE_LEASE_TTL] (default: 30s)") var leaseTTL: String?
     @Option(help: "Connection lease renewal interval. [env: FLEETGATE_LEASE_RENEW_INTERVAL] (default: 10s)") var leaseRenewInterval: String?
     @Option(
-        help: "How long a denial waits for other nodes to verify zombies and probe silent clients; longer than --probe-timeout. [env: FLEETGATE_VERIFY_TIMEOUT] (default: 1s)"
+        help:
+            "How long a denial waits for other nodes to verify zombies and probe silent clients; longer than --probe-timeout. [env: FLEETGATE_VERIFY_TIMEOUT] (default: 1s)"
     )
     var verifyTimeout: String?
     @Option(help: "Probe the user's silent connections when a denial cleans up (on/off). [env: FLEETGATE_PROBE] (default: on)") var probe: String?

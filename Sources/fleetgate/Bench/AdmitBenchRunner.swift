@@ -317,7 +317,8 @@ struct AdmitBenchRunner: Sendable {
                 let index = task + (done + offset) * tasks
                 let keys = "\(keyPrefix):{u:\(Self.digits(index % users))}"
                 return RedisCommand(
-                    "EVALSHA", sha, 4, "\(keys):conns", "\(keys):limit", "\(keys):since", "\(keys):kicked", "benchnd1:\(Self.digits(index))", limit, lease,
+                    "EVALSHA", sha, 4, "\(keys):conns", "\(keys):limit", "\(keys):since", "\(keys):kicked", "benchnd1:\(Self.digits(index))", limit,
+                    lease,
                     "reject", "0")
             }
             for reply in try await admin.pipeline(commands) {
