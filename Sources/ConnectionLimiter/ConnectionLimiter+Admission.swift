@@ -125,7 +125,7 @@ extension ConnectionLimiter {
             if reply.status == .denied {
                 // Redis has answered "at the limit": from here on every failure denies (never the Redis-down
                 // fallback, whose local count would admit one over the limit).
-                reply = await cleanUpAndRetry(user: user, connection: connection, node: entryNode, limit: limit, denied: reply)
+                reply = try await cleanUpAndRetry(user: user, connection: connection, node: entryNode, limit: limit, denied: reply)
             }
             if reply.status != .denied, isFenced {
                 // Fenced while the script ran: the gateway has been told to close everything, so this one must not
@@ -240,13 +240,15 @@ extension ConnectionLimiter {
     /// user, ask other live owners to do the same (bounded wait), count owners missing from the registry as dead, and
     /// retry once. Redis has already said "at the limit": a failure here answers with that denial, never with the
     /// Redis-down fallback.
-    private func cleanUpAndRetry(user: UserID, connection: String, node: String, limit: Int, denied: AdmitReply) async -> AdmitReply {
+    private func cleanUpAndRetry(user: UserID, connection: String, node: String, limit: Int, denied: AdmitReply) async throws -> AdmitReply {
         do {
             return try await cleanUpAndRetryOnce(user: user, connection: connection, node: node, limit: limit, denied: denied)
         } catch {
             if error is CancellationError || (error as? RedisError)?.code == .cancelled {
-                // The caller went away: the denial stands (the admission's own error handling sees no difference).
-                return denied
+                // The caller went away: the retry may have been written, so its member is queued for removal, and
+                // the admission's own error handling takes the cancellation from here.
+                forgetOrphan(user: user, member: Member(node: node, connection: connection).text, connection: connection)
+                throw error
             }
             nodeLogger(node).warning(
                 "emergency cleanup failed after a denial; the denial stands",
@@ -309,18 +311,7 @@ extension ConnectionLimiter {
     /// and the probe closes their sockets. Bounded by the probe timeout plus a margin, whatever the probe does.
     func probeOwn(user: UserID, connections: [String]) async {
         guard let probe = probe, !connections.isEmpty else { return }
-        let timeout = configuration.probe.timeout
-        let failed = await withTaskGroup(of: Set<String>?.self) { group -> Set<String> in
-            group.addTask { await probe.probe(connections: connections, user: user.rawValue, timeout: timeout) }
-            group.addTask {
-                // An embedder's probe that overruns its deadline decides nothing: every connection stays.
-                try? await Task.sleep(for: timeout + .milliseconds(250))
-                return nil
-            }
-            let first = await group.next() ?? nil
-            group.cancelAll()
-            return first ?? []
-        }
+        let failed = await Self.boundedProbe(probe, connections: connections, user: user.rawValue, timeout: configuration.probe.timeout)
         guard !failed.isEmpty else { return }
         let removed = state.withLock { state -> [(id: String, connection: LocalTable.Connection)] in
             failed.filter { connections.contains($0) }.compactMap { id in
@@ -419,6 +410,21 @@ extension ConnectionLimiter {
         }
     }
 
+    /// Runs the embedder's probe, but waits for it at most `timeout` + 250 ms: a probe that overruns (or never
+    /// returns, ignoring cancellation) decides nothing, and every connection stays. The probe runs in a task of its
+    /// own, so a late probe is cancelled and left behind instead of awaited.
+    static func boundedProbe(_ probe: any ConnectionProbe, connections: [String], user: String, timeout: Duration) async -> Set<String> {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Set<String>, Never>) in
+            let race = FirstAnswer(continuation)
+            race.add(Task { race.finish(await probe.probe(connections: connections, user: user, timeout: timeout)) })
+            race.add(
+                Task {
+                    try? await Task.sleep(for: timeout + .milliseconds(250))
+                    race.finish([])
+                })
+        }
+    }
+
     /// Redis is unreachable (or the node unregistered): apply `onRedisDown`. A fenced node refuses (its gateway has
     /// closed everything). `sent`: the member an admission script already sent may still write (nil if none was sent).
     private func fallback(user: UserID, connection: String, limit: Int, reason: String, sent: String?) throws -> AdmissionDecision {
@@ -435,8 +441,8 @@ extension ConnectionLimiter {
                     "Redis at \(redis.configuration.address) is unavailable (\(reason)); connection \(connection) of user \"\(user)\" refused by policy onRedisDown=reject; retry later"
             )
         case .local:
-            // This node's share of the limit, ⌈limit / live nodes last seen⌉: every node of the fleet admits at most
-            // its share by its own count, so the fleet overshoots the limit by less than one connection per node.
+            // This node's share of the limit, ⌈limit / live nodes last seen⌉: no node admits past its share by its own
+            // count, so a user holds at most Σ max(held_i, share) fleet-wide (under L + N from an even start).
             let decision = state.withLock { state -> (admitted: Bool, count: Int, share: Int) in
                 let open = state.table.openCount(of: user)
                 let share = Self.localShare(of: limit, liveNodes: state.liveNodes)
@@ -460,7 +466,8 @@ extension ConnectionLimiter {
                 metrics.admittedLocal.increment()
                 return .admitted(
                     Admission(
-                        count: decision.count, limit: limit, basis: .localFallback, alreadyAdmitted: false, wouldHaveBeenDenied: false, evicted: nil,
+                        count: decision.count, limit: decision.share, basis: .localFallback, alreadyAdmitted: false, wouldHaveBeenDenied: false,
+                        evicted: nil,
                         evictedAll: []))
             }
             metrics.denied.increment()
@@ -530,6 +537,7 @@ extension ConnectionLimiter {
                 return (ids.compactMap { id in state.table.connection(id).map { (id, $0) } }, orphans)
             }
             for (id, entry) in pending { await sendRelease(id, entry) }
+            await retryUndeliveredKicks()
             for (connection, orphan) in orphans {
                 // An admission with the same id may have started since the snapshot: its member must stay. (A purge
                 // already on its way can still remove it; the next renewal then re-adds it.)
@@ -540,5 +548,40 @@ extension ConnectionLimiter {
                 }
             }
         }
+    }
+}
+
+/// The first of several tasks to answer resumes the continuation; the others are cancelled and left behind.
+private final class FirstAnswer: Sendable {
+    private struct State {
+        var continuation: CheckedContinuation<Set<String>, Never>?
+        var tasks: [Task<Void, Never>] = []
+    }
+    private let state: Mutex<State>
+
+    init(_ continuation: CheckedContinuation<Set<String>, Never>) {
+        state = Mutex(State(continuation: continuation))
+    }
+
+    func add(_ task: Task<Void, Never>) {
+        let finished = state.withLock { state -> Bool in
+            guard state.continuation != nil else { return true }
+            state.tasks.append(task)
+            return false
+        }
+        if finished { task.cancel() }
+    }
+
+    func finish(_ value: Set<String>) {
+        let (continuation, tasks) = state.withLock { state -> (CheckedContinuation<Set<String>, Never>?, [Task<Void, Never>]) in
+            defer {
+                state.continuation = nil
+                state.tasks = []
+            }
+            return (state.continuation, state.tasks)
+        }
+        guard let continuation else { return }
+        continuation.resume(returning: value)
+        for task in tasks { task.cancel() }
     }
 }

@@ -111,7 +111,11 @@ extension ConnectionLimiter {
             }
             group.addTask {
                 for owner in owners {
-                    _ = try? await self.redis.publish("verify \(request) \(requester) \(user.escaped)", to: self.keys.control(owner))
+                    let receivers = try? await self.redis.send(
+                        RedisCommand("PUBLISH", self.keys.control(owner), "verify \(request) \(requester) \(user.escaped)"),
+                        timeout: self.configuration.verifyTimeout)
+                    // Nobody listens on that channel (a node that crashed before its lease ran out): no ack will come.
+                    if receivers?.int == 0 { self.acknowledge(request: request, from: owner) }
                 }
                 try? await Task.sleep(for: self.configuration.verifyTimeout)
             }
@@ -122,7 +126,7 @@ extension ConnectionLimiter {
         }
     }
 
-    private func acknowledge(request: String, from node: String) {
+    func acknowledge(request: String, from node: String) {
         let done = state.withLock { state -> CheckedContinuation<Void, Never>? in
             guard var verification = state.verifications[request] else { return nil }
             verification.waiting.remove(node)
@@ -160,22 +164,45 @@ extension ConnectionLimiter {
             if let held = entry.node { await removeMembers([Member(node: held, connection: member.connection).text], of: user) }
             return
         }
-        let word = reason == .operatorRequest ? "operator" : "evicted"
-        var pause = Duration.milliseconds(100)
-        for attempt in 1...Self.kickDeliveryAttempts {
-            let receivers = (try? await redis.publish("kick \(member.connection) \(word)", to: keys.control(member.node))) ?? 0
-            if receivers > 0 { return }
-            if attempt == Self.kickDeliveryAttempts { break }
-            guard await self.pause(pause) else { return }
-            pause *= 2
+        let message = "kick \(member.connection) \(reason == .operatorRequest ? "operator" : "evicted")"
+        if await publishKick(message, to: member.node) { return }
+        // Nobody received it (the owner is re-subscribing, or gone): the retry loop sends it again, off this path.
+        state.withLock { state in
+            guard state.undeliveredKicks.count < Self.undeliveredKickLimit else { return }
+            state.undeliveredKicks.append(UndeliveredKick(owner: member.node, user: user, message: message, attemptsLeft: Self.kickRetries))
         }
-        nodeLogger(nodeID).info(
-            "kick not delivered; its node closes the connection at its next lease renewal",
-            metadata: [LogKey.node: "\(member.node)", LogKey.connection: "\(member.connection)", LogKey.user: "\(user)"])
     }
 
-    /// How many times a kick nobody received is published (100 ms, then twice as long between attempts).
-    static let kickDeliveryAttempts = 4
+    /// Publishes a kick to its owner's control channel; whether a node received it.
+    func publishKick(_ message: String, to owner: String) async -> Bool {
+        let receivers = try? await redis.send(RedisCommand("PUBLISH", keys.control(owner), message), timeout: configuration.admissionTimeout)
+        return (receivers?.int ?? 0) > 0
+    }
+
+    /// Sends again the kicks nobody received, once a second (from the release-retry loop), at most
+    /// ``kickRetries`` times each; the kick marker in Redis holds the kick whether or not one gets through.
+    func retryUndeliveredKicks() async {
+        let kicks = state.withLock { state -> [UndeliveredKick] in
+            defer { state.undeliveredKicks = [] }
+            return state.undeliveredKicks
+        }
+        for var kick in kicks {
+            if await publishKick(kick.message, to: kick.owner) { continue }
+            kick.attemptsLeft -= 1
+            if kick.attemptsLeft > 0 {
+                state.withLock { $0.undeliveredKicks.append(kick) }
+            } else {
+                nodeLogger(nodeID).info(
+                    "kick not delivered; its node closes the connection at its next lease renewal",
+                    metadata: [LogKey.node: "\(kick.owner)", LogKey.user: "\(kick.user)", "fleetgate.message": "\(kick.message)"])
+            }
+        }
+    }
+
+    /// How many more times a kick nobody received is published (one second apart).
+    static let kickRetries = 3
+    /// The most undelivered kicks kept for retries (more are left to the kick markers alone).
+    static let undeliveredKickLimit = 10_000
 
     /// Removes `members` of `user` and marks them kicked (`kick.lua`): a renewal never re-adds a kicked member, and
     /// answers it to its owner as kicked instead. Returns how many were removed.

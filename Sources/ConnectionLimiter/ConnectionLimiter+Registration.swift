@@ -35,19 +35,27 @@ extension ConnectionLimiter {
         }
         // A fresh or restarted Redis has no scripts cached: load them all now rather than one NOSCRIPT at a time.
         try? await redis.load(scripts)
-        let (previous, staleSubscription, ready) = state.withLock { state -> (String, RedisSubscription?, Bool) in
-            let previous = state.node
-            state.life.registered(as: node, sentAt: sent)
+        let accepted = state.withLock { state -> (previous: String?, stale: RedisSubscription?, ready: Bool)? in
+            guard state.life.acceptsRegistration else { return nil }
+            let previous = state.life.registered(as: node, sentAt: sent)
             state.deadNodes.formUnion(reply.strings(from: 3))
             state.liveNodes = max(1, reply.int(at: 2) ?? 1)
             let listening = state.listeningAs == node
             return (previous, listening ? nil : state.subscription, listening)
         }
+        guard let (previous, staleSubscription, ready) = accepted else {
+            // The node began to drain while this registration was on its way: take the new id out again.
+            _ = try? await redis.pipeline(
+                [.command(RedisCommand("ZREM", keys.nodes, node)), .command(RedisCommand("DEL", keys.node(node)))],
+                timeout: configuration.heartbeat.interval)
+            return
+        }
         // The control loop moves to the new incarnation's channel when the old subscription ends.
         staleSubscription?.unsubscribe()
         firstRegistration.open()
         if ready { firstReady.open() }
-        nodeLogger(node).info("node registered", metadata: ["fleetgate.previous-node": "\(previous)", "fleetgate.name": "\(configuration.nodeName)"])
+        nodeLogger(node).info(
+            "node registered", metadata: ["fleetgate.previous-node": "\(previous ?? "none")", "fleetgate.name": "\(configuration.nodeName)"])
     }
 
     /// The registry says this incarnation is gone (expired, or lost in a Redis restart): re-register at once (so the
@@ -56,6 +64,8 @@ extension ConnectionLimiter {
         let actions = state.withLock { $0.life.heartbeatRefused(for: node) }
         if !actions.isEmpty {
             nodeLogger(node).info("node lease lost", metadata: ["fleetgate.status": "\(status == 0 ? "unknown" : "expired")"])
+            // Fence (policy close) first; the loss itself is announced here, with Redis's word for it.
+            perform(actions.filter { if case .fence = $0 { return true } else { return false } })
             emit(.leaseLost(node: node))
         }
         do {

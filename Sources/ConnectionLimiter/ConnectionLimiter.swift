@@ -33,7 +33,7 @@ public final class ConnectionLimiter: Service, Sendable {
         /// Nodes whose lease expired (they never come back); their members can be dropped at admission.
         var deadNodes: Set<String> = []
         /// Live nodes in the registry at the last good heartbeat (at least 1): the local fallback admits up to
-        /// ⌈limit / liveNodes⌉ per user, so a fleet in a Redis outage overshoots by less than one per node.
+        /// ⌈limit / liveNodes⌉ of a user by this node's own count (see the README's guarantee 11 for the bound).
         var liveNodes = 1
         /// Work the heartbeat hands to the maintenance loop, so heartbeats never wait for it.
         var pendingReadmission: String?
@@ -46,6 +46,7 @@ public final class ConnectionLimiter: Service, Sendable {
         /// Members that failed admissions may have left in Redis, by connection id (removed by the retry loop).
         var orphans: [String: Orphan] = [:]
         var verifications: [String: Verification] = [:]
+        var undeliveredKicks: [UndeliveredKick] = []
         var subscription: RedisSubscription?
         /// The node id whose control channel is subscribed.
         var listeningAs: String?
@@ -54,6 +55,14 @@ public final class ConnectionLimiter: Service, Sendable {
         var node: String { life.node }
         /// Dead node ids to pass to the scripts.
         var deadList: [String] { Array(deadNodes.union(life.deadIncarnations)) }
+    }
+
+    /// A kick message no node received, to publish again.
+    struct UndeliveredKick: Sendable {
+        var owner: String
+        var user: UserID
+        var message: String
+        var attemptsLeft: Int
     }
 
     /// A member an unfinished admission may have written.
@@ -99,9 +108,10 @@ public final class ConnectionLimiter: Service, Sendable {
     public var events: AsyncStream<LimiterEvent> { eventStream }
 
     /// Installs the liveness probe the emergency cleanup runs on this node's silent connections of a user at the
-    /// limit (see ``ConnectionProbe``). Call it before ``run()``; without one, connections open here always count
-    /// as alive.
-    public func useProbe(_ probe: any ConnectionProbe) {
+    /// limit (see ``ConnectionProbe``), or removes it (`nil`). Call it before ``run()``; without one, connections
+    /// open here always count as alive. The limiter holds the probe strongly: an embedder whose probe holds the
+    /// limiter removes it when it stops (the ``Gateway`` does).
+    public func useProbe(_ probe: (any ConnectionProbe)?) {
         probeSlot.withLock { $0 = probe }
     }
 
@@ -172,6 +182,11 @@ public final class ConnectionLimiter: Service, Sendable {
     /// graceful shutdown (which releases every entry and deregisters) or cancellation (which just stops).
     public func run() async throws {
         try configuration.validate()
+        if probe != nil, configuration.verifyTimeout < configuration.probe.timeout + .milliseconds(250) {
+            logger.warning(
+                "verifyTimeout is shorter than probe.timeout + 250 ms: other nodes' probes may not finish before a denial",
+                metadata: ["fleetgate.verify-timeout": "\(configuration.verifyTimeout)", "fleetgate.probe-timeout": "\(configuration.probe.timeout)"])
+        }
         let now = clock.now
         state.withLock { $0.life.start(at: now) }
         await withGracefulShutdownHandler {

@@ -9,10 +9,10 @@ public protocol ConnectionProbe: Sendable {
     /// Checks the given open connections of one user and returns those that failed.
     ///
     /// A connection that showed a sign of life recently may count as alive without a round trip. A connection that
-    /// fails must be closed by the probe (with a reason that says why); the limiter has already released its entry
-    /// when this returns, so the embedder's later ``ConnectionLimiter/release(connection:)`` is a no-op. The probe
-    /// should answer within `timeout`; the limiter stops waiting a little after it and then counts every
-    /// connection as alive.
+    /// fails must be closed by the probe (with a reason that says why); the limiter releases its entry as soon as
+    /// this returns, so the embedder's later ``ConnectionLimiter/release(connection:)`` is a no-op. The probe should
+    /// answer within `timeout`; the limiter stops waiting 250 ms after it (the probe is cancelled and its late
+    /// answer ignored) and then counts every connection as alive.
     /// - Parameters:
     ///   - connections: connection ids open on this node, all of `user`.
     ///   - user: their user, for logs.

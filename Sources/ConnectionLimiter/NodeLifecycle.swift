@@ -125,11 +125,16 @@ struct NodeLifecycle: Sendable, Equatable {
         phase = shutdownRequested ? .draining : .registering
     }
 
-    /// A registration of `newNode` succeeded; the heartbeat that carried it was sent at `sentAt`.
+    /// Whether a node may take a registration now: not while draining or stopped (the caller removes the id it
+    /// just wrote instead).
+    var acceptsRegistration: Bool { phase != .draining && phase != .stopped }
+
+    /// A registration of `newNode` succeeded; the heartbeat that carried it was sent at `sentAt`. Ignored unless
+    /// ``acceptsRegistration``.
     /// - Returns: the incarnation it replaces, if the node was registered before under another id.
     @discardableResult
     mutating func registered(as newNode: String, sentAt: ContinuousClock.Instant) -> String? {
-        guard phase != .draining, phase != .stopped else { return nil }
+        guard acceptsRegistration else { return nil }
         var replaced: String?
         if registered, node != newNode {
             previousIncarnations = Array((previousIncarnations + [node]).suffix(8))
@@ -165,7 +170,11 @@ struct NodeLifecycle: Sendable, Equatable {
     mutating func heartbeatRefused(for beating: String) -> [Action] {
         guard beating == node, registered else { return [] }
         switch phase {
-        case .live, .inDoubt, .fenced:
+        case .live, .inDoubt:
+            phase = .lost
+            // Policy close: the connections must go now, whether or not the re-registration succeeds.
+            return onLeaseLoss == .close ? [.fence(node: node), .announceLeaseLost(node: node)] : [.announceLeaseLost(node: node)]
+        case .fenced:
             phase = .lost
             return [.announceLeaseLost(node: node)]
         case .lost, .stopped, .registering, .draining:

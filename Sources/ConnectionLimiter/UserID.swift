@@ -45,8 +45,8 @@ public struct UserID: Sendable, Hashable, CustomStringConvertible {
     // image of the raw bytes, so comparing it is comparing them.
     public static func == (lhs: UserID, rhs: UserID) -> Bool { lhs.escaped.utf8.elementsEqual(rhs.escaped.utf8) }
     public func hash(into hasher: inout Hasher) {
-        hasher.combine(escaped.utf8.count)
-        for byte in escaped.utf8 { hasher.combine(byte) }
+        var escaped = escaped
+        escaped.withUTF8 { hasher.combine(bytes: UnsafeRawBufferPointer($0)) }
     }
 
     static func escape(_ text: String) -> String {

@@ -70,6 +70,8 @@ public final class Gateway: Service, Sendable {
     public func run() async throws {
         try configuration.validate()
         let core = self.core
+        // The limiter holds this gateway as its probe: let both go when the gateway stops.
+        defer { core.limiter?.useProbe(nil) }
         let onListening = self.onListening
         let server = HTTPServerBuilder { responder in GatewayChannel(responder: responder, core: core) }
         let app = Application(

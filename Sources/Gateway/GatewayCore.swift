@@ -247,6 +247,7 @@ final class GatewayCore: Sendable {
                 metrics.sessionOpened()
                 defer { metrics.sessionClosed(code: connection.closingCode) }
                 let queue = MessageQueue()
+                connection.setReaderBlocked { queue.isProducerWaiting }
                 // However the socket ends, the reader must not stay parked on a full queue.
                 webSocket.channel.closeFuture.whenComplete { _ in queue.finish() }
                 let session = GatewaySession(

@@ -9,6 +9,8 @@ enum ProbeOutcome: String, Sendable, CaseIterable {
     case recentlyActive = "recent"
     /// The client answered the probe's ping in time.
     case answered
+    /// The reader is parked behind a slow handler, so the client's pongs sit unread: counted as alive.
+    case busy
     /// No answer within the deadline (or the connection was already closing).
     case failed
 }
@@ -44,6 +46,11 @@ final class SessionConnection: Sendable {
         var probeWaiters: [CheckedContinuation<Bool, Never>] = []
         /// Ends the probe under way (answers its waiters "dead") at its deadline.
         var probeTimer: Scheduled<Void>?
+        /// Which probe the timer belongs to: a timer whose cancellation lost the race must not end the next probe.
+        var probeGeneration: UInt64 = 0
+        /// Whether the reader is parked on a full message queue (a slow handler): then the client's pongs sit unread
+        /// in the socket, and a probe must not take their absence for death.
+        var readerBlocked: (@Sendable () -> Bool)?
     }
 
     /// Client pings per second above which the connection is closed with 1008 (policy violation).
@@ -179,15 +186,26 @@ final class SessionConnection: Sendable {
         enum Start { case alive, gone, wait(sendPing: Bool) }
         let now = ContinuousClock.now
         let eventLoop = channel.eventLoop
-        let recent = state.withLockedValue { state in state.closingWith == nil && now - state.lastSignOfLife < idle }
+        let (recent, blocked) = state.withLockedValue { state in
+            (state.closingWith == nil && now - state.lastSignOfLife < idle, state.readerBlocked)
+        }
         if recent { return .recentlyActive }
+        if blocked?() == true { return .busy }
         let answered = await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
             let start = state.withLockedValue { state -> Start in
                 if state.closingWith != nil { return .gone }
                 if now - state.lastSignOfLife < idle { return .alive }
                 state.probeWaiters.append(continuation)
                 guard state.probeTimer == nil else { return .wait(sendPing: false) }
-                state.probeTimer = eventLoop.scheduleTask(in: .init(timeout)) { [self] in self.probeExpired() }
+                state.probeGeneration &+= 1
+                let generation = state.probeGeneration
+                let timer = eventLoop.scheduleTask(in: .init(timeout)) { [self] in self.probeExpired(generation) }
+                // An event loop that is shutting down never runs the timer: answer at once instead of never.
+                timer.futureResult.whenFailure { [self] error in
+                    if let error = error as? EventLoopError, case .cancelled = error { return }
+                    self.probeExpired(generation)
+                }
+                state.probeTimer = timer
                 return .wait(sendPing: true)
             }
             switch start {
@@ -204,12 +222,20 @@ final class SessionConnection: Sendable {
                 Task { try? await outbound.write(frame) }
             }
         }
-        return answered ? .answered : .failed
+        if answered { return .answered }
+        // The reader may have been parked on a full queue since the ping went out: the pong is unread, not missing.
+        return state.withLockedValue { $0.readerBlocked }?() == true ? .busy : .failed
     }
 
-    /// The probe's deadline passed without a frame from the client.
-    private func probeExpired() {
+    /// Tells the probe how to see that the reader is parked behind a slow handler.
+    func setReaderBlocked(_ check: @escaping @Sendable () -> Bool) {
+        state.withLockedValue { $0.readerBlocked = check }
+    }
+
+    /// The deadline of probe `generation` passed without a frame from the client.
+    private func probeExpired(_ generation: UInt64) {
         let waiters = state.withLockedValue { state -> [CheckedContinuation<Bool, Never>] in
+            guard state.probeGeneration == generation, state.probeTimer != nil else { return [] }
             defer {
                 state.probeWaiters = []
                 state.probeTimer = nil

@@ -221,6 +221,11 @@ struct ServeSettings {
         } catch {
             throw ServeError(error.message)
         }
+        if gateway.probeEnabled, limiter.verifyTimeout < limiter.probe.timeout + .milliseconds(250) {
+            throw ServeError(
+                "--verify-timeout (\(limiter.verifyTimeout)) must be at least --probe-timeout (\(limiter.probe.timeout)) + 250ms: other nodes probe within the verify wait; raise --verify-timeout (FLEETGATE_VERIFY_TIMEOUT), lower --probe-timeout, or set --probe off"
+            )
+        }
         do {
             _ = try RedisClientConfiguration(url: redisURL)
         } catch {

@@ -112,9 +112,11 @@ struct ProbeAndKickTests {
             try await owner.limiter.mustAdmit("kim", "k2")
             let ownerID = owner.limiter.nodeID
 
-            // The owner's pub/sub link (and every other link) is cut: the kick message reaches nobody.
+            // The owner's pub/sub link (and every other link) is cut: the kick message reaches nobody. The operator's
+            // node stops right after (its retries of the message go with it): only the mark in Redis is left.
             proxy.cut()
             try await operatorNode.limiter.kick(user: "kim", node: ownerID, connection: "k1")
+            await operatorNode.stop()
             proxy.restore()
 
             guard case .kick(let connection, let user, let reason) = await events.nextKick() else {
@@ -133,6 +135,36 @@ struct ProbeAndKickTests {
                 }
             }
             #expect(renewed)
+            await owner.stop()
+            await proxy.stop()
+        }
+    }
+
+    @Test("a kick message nobody received is published again, and reaches its owner once it is back")
+    func kickDeliveryRetried() async throws {
+        try await RedisServer.withServer { server throws in
+            let proxy = try await TCPProxy.start(upstreamPort: server.port)
+            // Renewals far apart: the retried message, not the renewal, is what closes the connection here.
+            let configuration = testConfiguration(limit: 5) {
+                $0.heartbeat.interval = .milliseconds(500)
+                $0.heartbeat.nodeTTL = .seconds(10)
+                $0.lease.ttl = .seconds(60)
+                $0.lease.renewInterval = .seconds(30)
+            }
+            let owner = try await LimiterNode.start(proxy.url, configuration)
+            let operatorNode = try await LimiterNode.start(server.url, configuration)
+            let events = LimiterEvents(owner.limiter, timeout: .seconds(20))
+            try await owner.limiter.mustAdmit("kit", "k1")
+            proxy.cut()
+            try await operatorNode.limiter.kick(user: "kit", node: owner.limiter.nodeID, connection: "k1")
+            proxy.restore()
+            guard case .kick(let connection, _, let reason) = await events.nextKick() else {
+                Issue.record("the kick never reached its owner")
+                return
+            }
+            #expect(connection == "k1")
+            #expect(reason == .operatorRequest)
+            #expect(owner.limiter.localConnectionCount == 0)
             await owner.stop()
             await operatorNode.stop()
             await proxy.stop()

@@ -96,6 +96,28 @@ struct NodeLifecycleTests {
         #expect(life.deadIncarnations.count == 8, "only the last few earlier incarnations are kept")
     }
 
+    @Test("close: Redis saying the incarnation is gone fences at once, even before the lease monitor would")
+    func closePolicyRefusedHeartbeat() {
+        var life = life(.close)
+        life.start(at: start)
+        life.registered(as: "nodeAAAA", sentAt: start)
+        let refused = life.heartbeatRefused(for: "nodeAAAA")
+        #expect(refused == [.fence(node: "nodeAAAA"), .announceLeaseLost(node: "nodeAAAA")])
+        #expect(life.admissionRoute == .fenced(node: "nodeAAAA"))
+        let later = life.tick(at: start + .seconds(10))
+        #expect(later == [], "fenced and announced once")
+        #expect(!life.isCurrent)
+    }
+
+    @Test("a registration that lands while draining is refused")
+    func registrationWhileDraining() {
+        var life = life()
+        life.start(at: start)
+        life.registered(as: "nodeAAAA", sentAt: start)
+        _ = life.requestShutdown()
+        #expect(!life.acceptsRegistration)
+    }
+
     @Test("shutdown: draining refuses admissions and ignores registrations; run() ending stops it")
     func shutdown() {
         var life = life()

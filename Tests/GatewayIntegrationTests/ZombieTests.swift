@@ -126,6 +126,29 @@ struct ZombieTests {
         }
     }
 
+    @Test("a client whose handler is busy (its reader parked on a full queue, pongs unread) is not taken for dead")
+    func busyReaderIsNotProbedAway() async throws {
+        try await Fleet.with(1, arguments: ["--agent-step", "2s"]) { fleet in
+            let token = try await Tokens.valid("busy bee", limit: 1)
+            let client = try await RawWebSocket.connect(port: fleet.nodes[0].port, token: token)
+            defer { client.close() }
+            // Each run keeps the demo handler busy for 8 s: the queue (16 messages) fills and the reader parks.
+            let run = Array(#"{"type":"run","prompt":"slow"}"#.utf8)
+            for _ in 0..<24 { try client.send(opcode: 0x1, payload: run) }
+            let sessionOpen = try await eventually {
+                metricValue(try await fleet.metrics(on: 0), #"fleetgate_gateway_sessions"#) == 1
+            }
+            #expect(sessionOpen)
+            try await Task.sleep(for: .milliseconds(1200))
+            let answer = try await fleet.upgrade(on: 0, token: token)
+            #expect(answer.status == 429, "\(answer)")
+            let metrics = try await fleet.metrics(on: 0)
+            #expect(metricValue(metrics, #"fleetgate_gateway_probes_total{result="busy"}"#) == 1, "\(metrics)")
+            #expect(metricValue(metrics, #"fleetgate_gateway_probes_total{result="failed"}"#) == 0)
+            #expect(try await fleet.entries("busy%20bee").count == 1)
+        }
+    }
+
     @Test("each kind of zombie lets the user back in: orphan entry and earlier incarnation < 2 s, dead node <= 10 s")
     func zombieKinds() async throws {
         try await Fleet.with(2) { fleet in

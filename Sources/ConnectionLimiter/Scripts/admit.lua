@@ -101,6 +101,7 @@ if policy == "evict" and limit > 0 then
     end
   end
   add()
+  redis.call('ZREMRANGEBYSCORE', kickedKey, '-inf', now)
   for _, m in ipairs(evicted) do redis.call('ZADD', kickedKey, now + 2 * ttl, m) end
   redis.call('PEXPIRE', kickedKey, 2 * ttl)
   local result = {2, count + 1, limit, now, expired, deadRemoved}
