@@ -96,120 +96,87 @@ struct ProbeAndKickTests {
 
     @Test("a kick made while its owner's Redis link is cut holds: the owner's renewal closes the connection instead of re-adding it")
     func kickHoldsWhileOwnerUnreachable() async throws {
-        try await RedisServer.withServer { server throws in
-            let proxy = try await TCPProxy.start(upstreamPort: server.port)
-            // A node TTL long enough that the cut does not cost the owner its lease (that path is covered below).
-            let configuration = testConfiguration(limit: 5) {
-                $0.heartbeat.interval = .milliseconds(500)
-                $0.heartbeat.nodeTTL = .seconds(10)
-                $0.lease.ttl = .seconds(4)
-                $0.lease.renewInterval = .seconds(1)
-            }
-            let owner = try await LimiterNode.start(proxy.url, configuration)
-            let operatorNode = try await LimiterNode.start(server.url, configuration)
-            let events = LimiterEvents(owner.limiter)
-            try await owner.limiter.mustAdmit("kim", "k1")
-            try await owner.limiter.mustAdmit("kim", "k2")
-            let ownerID = owner.limiter.nodeID
-
+        // A node TTL long enough that the cut does not cost the owner its lease (that path is covered below).
+        try await KickScene.with({
+            $0.heartbeat.interval = .milliseconds(500)
+            $0.heartbeat.nodeTTL = .seconds(10)
+            $0.lease.ttl = .seconds(4)
+            $0.lease.renewInterval = .seconds(1)
+        }) { scene in
+            try await scene.owner.limiter.mustAdmit("kim", "k1")
+            try await scene.owner.limiter.mustAdmit("kim", "k2")
+            let ownerID = scene.owner.limiter.nodeID
             // The owner's pub/sub link (and every other link) is cut: the kick message reaches nobody. The operator's
             // node stops right after (its retries of the message go with it): only the mark in Redis is left.
-            proxy.cut()
-            try await operatorNode.limiter.kick(user: "kim", node: ownerID, connection: "k1")
-            await operatorNode.stop()
-            proxy.restore()
-
-            guard case .kick(let connection, let user, let reason) = await events.nextKick() else {
+            scene.proxy.cut()
+            try await scene.operatorNode.limiter.kick(user: "kim", node: ownerID, connection: "k1")
+            await scene.operatorNode.stop()
+            scene.proxy.restore()
+            guard case .kick(let connection, let user, let reason) = await scene.events.nextKick() else {
                 Issue.record("the kicked connection was never closed")
                 return
             }
             #expect(connection == "k1")
             #expect(user == "kim")
             #expect(reason == .kickedAtRenewal)
-            #expect(owner.limiter.localConnectionCount == 1)
+            #expect(scene.owner.limiter.localConnectionCount == 1)
             // Renewals go on: k1 is never back, k2 stays.
-            let renewed = try await withClient(server.url) { redis in
-                try await eventually {
-                    let members = try await redis.send("ZRANGE", connsKey(configuration, "kim"), 0, -1).array?.compactMap(\.string) ?? []
-                    return members == ["\(ownerID):k2"]
-                }
-            }
-            #expect(renewed)
-            await owner.stop()
-            await proxy.stop()
+            #expect(try await scene.eventuallyMembers(of: "kim") { $0 == ["\(ownerID):k2"] })
         }
     }
 
     @Test("a kick message nobody received is published again, and reaches its owner once it is back")
     func kickDeliveryRetried() async throws {
-        try await RedisServer.withServer { server throws in
-            let proxy = try await TCPProxy.start(upstreamPort: server.port)
-            // Renewals far apart: the retried message, not the renewal, is what closes the connection here.
-            let configuration = testConfiguration(limit: 5) {
-                $0.heartbeat.interval = .milliseconds(500)
-                $0.heartbeat.nodeTTL = .seconds(10)
-                $0.lease.ttl = .seconds(60)
-                $0.lease.renewInterval = .seconds(30)
-            }
-            let owner = try await LimiterNode.start(proxy.url, configuration)
-            let operatorNode = try await LimiterNode.start(server.url, configuration)
-            let events = LimiterEvents(owner.limiter, timeout: .seconds(20))
-            try await owner.limiter.mustAdmit("kit", "k1")
-            proxy.cut()
-            try await operatorNode.limiter.kick(user: "kit", node: owner.limiter.nodeID, connection: "k1")
-            proxy.restore()
-            guard case .kick(let connection, _, let reason) = await events.nextKick() else {
+        // Renewals far apart: the retried message, not the renewal, is what closes the connection here.
+        try await KickScene.with({
+            $0.heartbeat.interval = .milliseconds(500)
+            $0.heartbeat.nodeTTL = .seconds(10)
+            $0.lease.ttl = .seconds(60)
+            $0.lease.renewInterval = .seconds(30)
+        }) { scene in
+            try await scene.owner.limiter.mustAdmit("kit", "k1")
+            scene.proxy.cut()
+            try await scene.operatorNode.limiter.kick(user: "kit", node: scene.owner.limiter.nodeID, connection: "k1")
+            scene.proxy.restore()
+            guard case .kick(let connection, _, let reason) = await scene.events.nextKick() else {
                 Issue.record("the kick never reached its owner")
                 return
             }
             #expect(connection == "k1")
             #expect(reason == .operatorRequest)
-            #expect(owner.limiter.localConnectionCount == 0)
-            await owner.stop()
-            await operatorNode.stop()
-            await proxy.stop()
+            #expect(scene.owner.limiter.localConnectionCount == 0)
         }
     }
 
     @Test("a kick made while its owner lost its lease holds across the re-admission under a new id")
     func kickHoldsAcrossReadmission() async throws {
-        try await RedisServer.withServer { server throws in
-            let proxy = try await TCPProxy.start(upstreamPort: server.port)
-            let configuration = testConfiguration(limit: 5) {
-                $0.lease.ttl = .seconds(30)
-                $0.lease.renewInterval = .seconds(10)
-            }
-            let owner = try await LimiterNode.start(proxy.url, configuration)
-            let operatorNode = try await LimiterNode.start(server.url, configuration)
-            let events = LimiterEvents(owner.limiter)
-            try await owner.limiter.mustAdmit("lou", "l1")
-            try await owner.limiter.mustAdmit("lou", "l2")
-            let first = owner.limiter.nodeID
-            proxy.cut()
-            try await operatorNode.limiter.kick(user: "lou", node: first, connection: "l1")
+        try await KickScene.with({
+            $0.lease.ttl = .seconds(30)
+            $0.lease.renewInterval = .seconds(10)
+        }) { scene in
+            try await scene.owner.limiter.mustAdmit("lou", "l1")
+            try await scene.owner.limiter.mustAdmit("lou", "l2")
+            let first = scene.owner.limiter.nodeID
+            scene.proxy.cut()
+            try await scene.operatorNode.limiter.kick(user: "lou", node: first, connection: "l1")
+            await scene.operatorNode.stop()
             // Redis expires the owner's lease while it is cut off; it re-registers under a new id and re-admits.
-            let expired = try await withClient(server.url) { redis in
-                try await eventually { try await leaseHasRunOut(redis, configuration, node: first) }
+            let expired = try await withClient(scene.server.url) { redis in
+                try await eventually { try await leaseHasRunOut(redis, scene.configuration, node: first) }
             }
             try #require(expired)
-            proxy.restore()
-            guard case .kick(let connection, _, let reason) = await events.nextKick() else {
+            scene.proxy.restore()
+            guard case .kick(let connection, _, let reason) = await scene.events.nextKick() else {
                 Issue.record("the kicked connection was re-admitted instead of closed")
                 return
             }
             #expect(connection == "l1")
             #expect(reason == .kickedAtRenewal)
-            let readmitted = try await withClient(server.url) { redis in
-                try await eventually {
-                    let members = try await redis.send("ZRANGE", connsKey(configuration, "lou"), 0, -1).array?.compactMap(\.string) ?? []
-                    return members.count == 1 && members[0].hasSuffix(":l2") && !members[0].hasPrefix(first)
-                }
+            let readmitted = try await scene.eventuallyMembers(of: "lou") { members in
+                members.count == 1 && members[0].hasSuffix(":l2") && !members[0].hasPrefix(first)
             }
             #expect(readmitted, "l2 re-admitted under the new id, l1 not at all")
-            #expect(owner.limiter.localConnectionCount == 1)
-            await owner.stop()
-            await operatorNode.stop()
-            await proxy.stop()
+            #expect(scene.owner.limiter.localConnectionCount == 1)
         }
     }
 
@@ -240,5 +207,42 @@ struct ProbeAndKickTests {
         #expect(back, "each spelling's entry is back under its own key")
         #expect(node.limiter.localConnectionCount == 2)
         await node.stop()
+    }
+}
+
+/// A Redis server of its own, an owner node behind a TCP proxy (so the test can cut its links), and an operator node
+/// straight on Redis; everything is stopped afterwards.
+struct KickScene {
+    let server: RedisServer
+    let proxy: TCPProxy
+    let configuration: LimiterConfiguration
+    let owner: LimiterNode
+    let operatorNode: LimiterNode
+    let events: LimiterEvents
+
+    static func with(_ adjust: (inout LimiterConfiguration) -> Void, _ body: (KickScene) async throws -> Void) async throws {
+        try await RedisServer.withServer { server throws in
+            let proxy = try await TCPProxy.start(upstreamPort: server.port)
+            let configuration = testConfiguration(limit: 5, adjust)
+            let owner = try await LimiterNode.start(proxy.url, configuration)
+            let operatorNode = try await LimiterNode.start(server.url, configuration)
+            let scene = KickScene(
+                server: server, proxy: proxy, configuration: configuration, owner: owner, operatorNode: operatorNode,
+                events: LimiterEvents(owner.limiter, timeout: .seconds(20)))
+            try await body(scene)
+            await owner.stop()
+            await operatorNode.stop()
+            await proxy.stop()
+        }
+    }
+
+    /// Waits until the user's members in Redis satisfy `condition` (bounded, as `eventually`).
+    func eventuallyMembers(of user: String, _ condition: @escaping @Sendable ([String]) -> Bool) async throws -> Bool {
+        let key = connsKey(configuration, user)
+        return try await withClient(server.url) { redis in
+            try await eventually {
+                condition(try await redis.send("ZRANGE", key, 0, -1).array?.compactMap(\.string) ?? [])
+            }
+        }
     }
 }
