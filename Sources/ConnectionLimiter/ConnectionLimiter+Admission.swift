@@ -5,7 +5,7 @@ import Synchronization
 
 /// The admission script's answer.
 struct AdmitReply: Sendable {
-    enum Status: Int { case denied = 0, admitted = 1, evicted = 2, alreadyAdmitted = 3, dryRunOverLimit = 4 }
+    enum Status: Int { case denied = 0, admitted = 1, evicted = 2, alreadyAdmitted = 3, dryRunOverLimit = 4, kicked = 5 }
     var status: Status
     var count: Int
     var limit: Int
@@ -214,11 +214,15 @@ extension ConnectionLimiter {
     /// connection here; while the user has another connection here, the index already holds it.
     ///
     /// `policy`: the overflow policy argument of the script (default: the configured one).
+    ///
+    /// `previous`: the member the connection was held under before (a re-admission): if it is marked kicked, the
+    /// script answers ``AdmitReply/Status/kicked`` instead of admitting.
     func runAdmit(
-        user: UserID, connection: String, node: String, limit: Int, dead: [String], index: Bool = true, policy: String? = nil
+        user: UserID, connection: String, node: String, limit: Int, dead: [String], index: Bool = true, policy: String? = nil,
+        previous: String? = nil
     ) async throws -> AdmitReply {
         let member = Member(node: node, connection: connection).text
-        let arguments = [member, String(limit), String(leaseMilliseconds), policy ?? policyArgument, dryRunArgument] + dead
+        let arguments = [member, String(limit), String(leaseMilliseconds), policy ?? policyArgument, dryRunArgument, previous ?? ""] + dead
         let started = clock.now
         if index {
             // Queued ahead of the script on the same connection: if it cannot be written, neither can the script. The
@@ -338,7 +342,7 @@ extension ConnectionLimiter {
             extra.merging([LogKey.node: "\(node)", LogKey.user: "\(user)", LogKey.connection: "\(connection)"]) { first, _ in first }
         }
         switch reply.status {
-        case .denied:
+        case .denied, .kicked:
             state.withLock { _ = removeLocally(connection, from: &$0) }
             metrics.denied.increment()
             let holders = reply.holders

@@ -90,23 +90,16 @@ extension ConnectionLimiter {
         let batch = 256
         var kicked = 0
         for start in stride(from: 0, to: connections.count, by: batch) {
-            var chunk = Array(connections[start..<min(start + batch, connections.count)])
-            // A connection kicked while this node was away (its kick message lost) stays kicked: its old member is
-            // marked in Redis, and re-admitting it under the new id would undo the kick.
-            let marked = await kickedWhileAway(chunk)
-            for (id, connection) in chunk where marked.contains(id) {
-                kicked += 1
-                state.withLock { _ = removeLocally(id, from: &$0) }
-                metrics.evictedKicked.increment()
-                emit(.kick(connection: id, user: connection.user.rawValue, reason: .kickedAtRenewal))
-            }
-            chunk.removeAll { marked.contains($0.id) }
+            let chunk = connections[start..<min(start + batch, connections.count)]
             let outcomes = await withTaskGroup(of: (String, LocalTable.Connection, AdmitReply?).self) { group in
                 for (id, connection) in chunk {
                     group.addTask {
+                        // The old member goes along: a connection kicked while this node was away (its old member marked
+                        // kicked in Redis) is answered "kicked" atomically instead of re-admitted under the new id.
                         let reply = try? await self.runAdmit(
                             user: connection.user, connection: id, node: node, limit: connection.limit, dead: dead,
-                            policy: self.configuration.policies.overflow == .evictOldest ? "yield" : "reject")
+                            policy: self.configuration.policies.overflow == .evictOldest ? "yield" : "reject",
+                            previous: connection.node.map { Member(node: $0, connection: id).text })
                         return (id, connection, reply)
                     }
                 }
@@ -115,7 +108,12 @@ extension ConnectionLimiter {
                 return outcomes
             }
             for (id, connection, reply) in outcomes {
-                if reply?.status == .denied {
+                if reply?.status == .kicked {
+                    kicked += 1
+                    state.withLock { _ = removeLocally(id, from: &$0) }
+                    metrics.evictedKicked.increment()
+                    emit(.kick(connection: id, user: connection.user.rawValue, reason: .kickedAtRenewal))
+                } else if reply?.status == .denied {
                     denied += 1
                     state.withLock { _ = removeLocally(id, from: &$0) }
                     emit(.kick(connection: id, user: connection.user.rawValue, reason: .deniedAfterLeaseLoss))
@@ -136,21 +134,5 @@ extension ConnectionLimiter {
             "node re-registered",
             metadata: ["fleetgate.readmitted": "\(readmitted)", "fleetgate.denied": "\(denied)", "fleetgate.kicked": "\(kicked)"])
         emit(.reregistered(node: node, readmitted: readmitted, denied: denied))
-    }
-
-    /// The connections of `chunk` whose current member is marked kicked in Redis (one pipelined `ZSCORE` each). A
-    /// failed look-up marks nothing: the renewal of the new member finds nothing to check, so such a kick is lost
-    /// only if Redis fails right here.
-    private func kickedWhileAway(_ chunk: [(id: String, connection: LocalTable.Connection)]) async -> Set<String> {
-        let held = chunk.compactMap { entry in entry.connection.node.map { (entry.id, entry.connection.user, Member(node: $0, connection: entry.id)) }
-        }
-        guard !held.isEmpty else { return [] }
-        let steps: [PipelineStep] = held.map { .command(RedisCommand("ZSCORE", keys.kicked($0.1), $0.2.text)) }
-        guard let results = try? await redis.pipeline(steps, timeout: configuration.admissionTimeout) else { return [] }
-        var marked: Set<String> = []
-        for (entry, result) in zip(held, results) {
-            if case .success(let reply) = result, reply.string != nil { marked.insert(entry.0) }
-        }
-        return marked
     }
 }

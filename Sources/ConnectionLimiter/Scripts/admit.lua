@@ -12,13 +12,16 @@
 -- ARGV[4]  overflow policy: "reject", "evict" (evict the oldest admitted entry), or "yield" (a re-admission under
 --          evict-oldest: admission times kept as with "evict", but at the limit it is denied as with "reject")
 -- ARGV[5]  "1" = dry run: always admit, report what the limit would have decided
--- ARGV[6…] node ids the caller knows are dead; their members are dropped when the user is at the limit
+-- ARGV[6]  the member this connection was held under before ("" if none): a re-admission after a lease loss. If
+--          it is marked kicked, the connection was kicked while its node was away: answered with status 5
+-- ARGV[7…] node ids the caller knows are dead; their members are dropped when the user is at the limit
 --
 -- Returns {status, count, limit, now, expiredRemoved, deadRemoved, extra…}
 --   status 1 = admitted, 2 = admitted after evicting the oldest (extra = evicted members, oldest first),
 --          3 = already admitted (lease refreshed), 0 = denied (extra = current holders, "<member>|<expiry ms>")
 --          4 = dry run: admitted although the limit would have denied
--- Run by hand: redis-cli --eval admit.lua fg:{u:alice}:conns fg:{u:alice}:limit fg:{u:alice}:since fg:{u:alice}:kicked , n1:c1 20 30000 reject 0
+--          5 = not admitted: ARGV[6] is marked kicked (the caller closes the connection)
+-- Run by hand: redis-cli --eval admit.lua fg:{u:alice}:conns fg:{u:alice}:limit fg:{u:alice}:since fg:{u:alice}:kicked , n1:c1 20 30000 reject 0 ""
 local conns, limitKey, sinceKey, kickedKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local member, ttl, policy, dryRun = ARGV[1], tonumber(ARGV[3]), ARGV[4], ARGV[5] == "1"
 local keepSince = policy == "evict" or policy == "yield"
@@ -41,6 +44,14 @@ if override and override == override and override >= 0 and override <= 1000000 a
   limit = override
 end
 
+local previous = ARGV[6]
+if previous and previous ~= "" then
+  local mark = redis.call('ZSCORE', kickedKey, previous)
+  if mark and tonumber(mark) > now then
+    return {5, redis.call('ZCARD', conns), limit, now, expired, 0}
+  end
+end
+
 if redis.call('ZSCORE', conns, member) then
   redis.call('ZADD', conns, expiry, member)
   redis.call('PEXPIRE', conns, ttl)
@@ -49,9 +60,9 @@ end
 
 local count = redis.call('ZCARD', conns)
 local deadRemoved = 0
-if count >= limit and #ARGV > 5 then
+if count >= limit and #ARGV > 6 then
   local dead = {}
-  for i = 6, #ARGV do dead[ARGV[i]] = true end
+  for i = 7, #ARGV do dead[ARGV[i]] = true end
   for _, m in ipairs(redis.call('ZRANGE', conns, 0, -1)) do
     local node = string.match(m, '^([^:]*):')
     if node and dead[node] then
