@@ -47,6 +47,39 @@ struct ServeCommandTests {
         #expect(flagsWin.redisURL == "redis://10.0.0.1:6380")
     }
 
+    @Test("the probe flags and their environment variables; the verify wait must leave room for the probe")
+    func probeSettings() throws {
+        let defaults = try settings(["--jwt-secret", secret])
+        #expect(defaults.gateway.probeEnabled)
+        #expect(defaults.limiter.probe.timeout == .milliseconds(500))
+        #expect(defaults.gateway.probeIdle == .seconds(1))
+        #expect(defaults.limiter.verifyTimeout == .seconds(1))
+
+        let flags = try settings(["--jwt-secret", secret, "--probe-timeout", "300ms", "--probe-idle", "2s", "--verify-timeout", "800ms"])
+        #expect(flags.limiter.probe.timeout == .milliseconds(300))
+        #expect(flags.gateway.probeIdle == .seconds(2))
+        #expect(flags.limiter.verifyTimeout == .milliseconds(800))
+
+        let environment = [
+            "FLEETGATE_JWT_SECRET": secret, "FLEETGATE_PROBE": "off", "FLEETGATE_PROBE_TIMEOUT": "200ms", "FLEETGATE_PROBE_IDLE": "0s",
+        ]
+        let fromEnvironment = try settings([], environment: environment)
+        #expect(!fromEnvironment.gateway.probeEnabled)
+        #expect(fromEnvironment.limiter.probe.timeout == .milliseconds(200))
+        #expect(fromEnvironment.gateway.probeIdle == .zero)
+
+        // The old default verify wait (250 ms) is too short for a 500 ms probe: refused, naming both flags.
+        do {
+            _ = try settings(["--jwt-secret", secret, "--verify-timeout", "250ms"])
+            Issue.record("a verify wait shorter than the probe was accepted")
+        } catch {
+            #expect("\(error)".contains("--verify-timeout"))
+            #expect("\(error)".contains("--probe-timeout"))
+        }
+        // Without the probe it is fine.
+        #expect(try settings(["--jwt-secret", secret, "--verify-timeout", "250ms", "--probe", "off"]).limiter.verifyTimeout == .milliseconds(250))
+    }
+
     @Test(
         "bad values and a missing key are refused with one clear line",
         arguments: [
