@@ -388,15 +388,24 @@ final class HeldWebSocket: Sendable {
 
     func send(_ text: String) { commands.yield(.text(text)) }
 
-    /// Closes from the client side and waits for the end.
+    /// Closes from the client side and waits for the end; a failure is recorded as an issue of the test.
     func close() async {
+        do {
+            try await closeOrThrow()
+        } catch {
+            Issue.record("\(error)")
+        }
+    }
+
+    /// Closes from the client side and waits for the end; throws what went wrong (the server vanished, say).
+    func closeOrThrow() async throws {
         commands.yield(.close)
         let task = task
         do {
             _ = try await withTimeout(.seconds(20), "the connection did not end after the client closed it") { try await task.value }
         } catch {
             task.cancel()
-            Issue.record("\(error)")
+            throw error
         }
     }
 

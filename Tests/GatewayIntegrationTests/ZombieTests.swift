@@ -447,7 +447,7 @@ final class BackgroundTraffic: Sendable {
                 let message = #"{"type":"echo","cycle":\#(cycle)}"#
                 connection.send(message)
                 let echo = try await connection.nextMessage()
-                await connection.close()
+                try await connection.closeOrThrow()
                 if echo != message { throw RawSocket.Failure("wrong echo: \(echo ?? "none")") }
                 report.cycles += 1
             } catch {
