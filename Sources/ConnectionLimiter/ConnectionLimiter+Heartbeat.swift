@@ -24,13 +24,14 @@ extension ConnectionLimiter {
             return
         }
         let sent = clock.now
-        let (open, users) = state.withLock { ($0.table.openCount, $0.table.userCount) }
+        let (open, users, address) = state.withLock { ($0.table.openCount, $0.table.userCount, $0.address ?? configuration.nodeAddress) }
         let ttl = nodeTTLMilliseconds
         do {
             let results = try await redis.pipeline(
                 [
                     .script(scripts.heartbeat, keys: [keys.nodes], arguments: [node, String(ttl), "beat"]),
-                    .command(RedisCommand("HSET", keys.node(node), "conns", open, "users", users)),
+                    // The address too: an announcement can cross the registration that it should have joined.
+                    .command(RedisCommand("HSET", keys.node(node), "conns", open, "users", users, "address", address)),
                     .command(RedisCommand("PEXPIRE", keys.node(node), ttl * 3)),
                     // The users index outlives the node by a lease, so a sweeper can still walk it.
                     .command(RedisCommand("PEXPIRE", keys.users(node), leaseMilliseconds + ttl)),

@@ -29,6 +29,10 @@ public struct NodeStatus: Sendable, Hashable {
     /// Connections and users it reported at its last heartbeat.
     public var connections: Int
     public var users: Int
+    /// The node TTL it registered with (nil for nodes of older versions).
+    public var ttl: Duration?
+    /// How long ago its last successful heartbeat was (TTL minus the lease left; nil without a TTL).
+    public var lastHeartbeatAgo: Duration? { ttl.map { $0 - leaseRemaining } }
 }
 
 /// Fleet-wide totals, from the node registry.
@@ -92,7 +96,8 @@ extension ConnectionLimiter {
                 version: fields["version"] ?? "",
                 leaseRemaining: .milliseconds(entry.1 - now),
                 connections: fields["conns"].flatMap { Int($0) } ?? 0,
-                users: fields["users"].flatMap { Int($0) } ?? 0
+                users: fields["users"].flatMap { Int($0) } ?? 0,
+                ttl: fields["ttl"].flatMap { Int64($0) }.map { .milliseconds($0) }
             )
         }
     }
@@ -161,6 +166,54 @@ extension ConnectionLimiter {
         let member = Member(node: node, connection: connection)
         try await removeKicked([member.text], of: user)
         await kick(member, user: user, reason: .operatorRequest)
+    }
+
+    // MARK: Operator actions
+
+    /// Removes every entry of the nodes whose lease has run out, now, instead of waiting for the next heartbeat's
+    /// sweep (`fleetgate sweep`). Safe beside the nodes' own sweeper: each removal is idempotent.
+    /// - Returns: the entries removed per dead node.
+    public func sweepDeadNodes() async throws -> [String: Int] {
+        let results = try await redis.pipeline([RedisCommand("TIME"), RedisCommand("ZRANGE", keys.nodes, 0, -1, "WITHSCORES")])
+        let now = try Self.milliseconds(fromTime: results[0].get())
+        let dead = try Self.pairs(results[1].get()).filter { $0.1 <= now }.map(\.0)
+        guard !dead.isEmpty else { return [:] }
+        let swept = await sweep(Set(dead))
+        if swept.count < dead.count {
+            let failed = Set(dead).subtracting(swept.keys).sorted()
+            throw LimiterError(
+                code: .redisUnavailable,
+                message: "the sweep of dead node(s) \(failed.joined(separator: ", ")) failed (Redis at \(redis.configuration.address)); run it again")
+        }
+        return swept
+    }
+
+    /// Kicks every entry of a user (`fleetgate evict --user`): each is removed and marked, and its node closes the
+    /// socket with 4409. Returns the entries kicked.
+    @discardableResult
+    public func evict(user rawUser: String) async throws -> [LimiterEntry] {
+        let entries = try await entries(user: rawUser)
+        for entry in entries { try await kick(user: rawUser, node: entry.node, connection: entry.connection) }
+        return entries
+    }
+
+    /// Kicks every entry a node holds (`fleetgate evict --node`), user by user through its users index. Returns how
+    /// many were kicked.
+    @discardableResult
+    public func evict(node: String) async throws -> Int {
+        var kicked = 0
+        var cursor = "0"
+        repeat {
+            let page = try await redis.send(RedisCommand("SSCAN", keys.users(node), cursor, "COUNT", 500))
+            cursor = page.array?.first?.string ?? "0"
+            for user in (page.array?.last?.array ?? []).compactMap(\.string).compactMap(UserID.init(escaped:)) {
+                for entry in try await entries(user: user.rawValue) where entry.node == node {
+                    try await kick(user: user.rawValue, node: node, connection: entry.connection)
+                    kicked += 1
+                }
+            }
+        } while cursor != "0"
+        return kicked
     }
 
     static func milliseconds(fromTime reply: RESPValue) throws -> Int64 {

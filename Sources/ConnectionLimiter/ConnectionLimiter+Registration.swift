@@ -17,9 +17,10 @@ extension ConnectionLimiter {
                     RedisCommand(
                         "HSET", keys.node(node),
                         "name", configuration.nodeName,
-                        "address", configuration.nodeAddress,
+                        "address", state.withLock { $0.address } ?? configuration.nodeAddress,
                         "pid", Int(ProcessInfo.processInfo.processIdentifier),
-                        "version", "0.1.0",
+                        "version", FleetgateVersion.current,
+                        "ttl", ttl,
                         "started", Int(Date().timeIntervalSince1970 * 1000),
                         "conns", 0,
                         "users", 0

@@ -6,7 +6,10 @@ import Synchronization
 extension ConnectionLimiter {
     /// Removes every entry of dead nodes (their lease expired), user by user through their users index, then the
     /// nodes' own keys. Runs on the node that holds the sweeper lock.
-    func sweep(_ deadNodes: Set<String>) async {
+    /// - Returns: the entries removed per node swept (a node whose sweep failed is missing).
+    @discardableResult
+    func sweep(_ deadNodes: Set<String>) async -> [String: Int] {
+        var swept: [String: Int] = [:]
         for dead in deadNodes {
             let started = clock.now
             do {
@@ -32,6 +35,7 @@ extension ConnectionLimiter {
                         .command(RedisCommand("ZREM", keys.nodes, dead)),
                     ], timeout: timeout)
                 metrics.sweeps.increment()
+                swept[dead] = removed
                 metrics.evictedDeadNode.increment(by: Int64(removed))
                 let elapsed = started.duration(to: clock.now)
                 metrics.sweepDuration.recordNanoseconds(elapsed.milliseconds * 1_000_000)
@@ -44,5 +48,6 @@ extension ConnectionLimiter {
                     "sweep failed; next heartbeat retries", metadata: ["fleetgate.dead-node": "\(dead)", LogKey.error: "\(error)"])
             }
         }
+        return swept
     }
 }

@@ -47,6 +47,8 @@ public final class ConnectionLimiter: Service, Sendable {
         var orphans: [String: Orphan] = [:]
         var verifications: [String: Verification] = [:]
         var undeliveredKicks: [UndeliveredKick] = []
+        /// Where the embedder listens (``announce(address:)``), for operators; overrides the configuration's.
+        var address: String?
         var subscription: RedisSubscription?
         /// The node id whose control channel is subscribed.
         var listeningAs: String?
@@ -134,6 +136,17 @@ public final class ConnectionLimiter: Service, Sendable {
     public func waitUntilRegistered(timeout: Duration) async -> Bool {
         await firstReady.wait(timeout: timeout)
         return isRegistered
+    }
+
+    /// Tells operators where this node can be reached (e.g. `10.0.0.5:8080`, once the listening port is known):
+    /// written to the node's hash in Redis now if registered, and at every registration.
+    public func announce(address: String) async {
+        let (node, registered) = state.withLock { state -> (String, Bool) in
+            state.address = address
+            return (state.node, state.life.registered)
+        }
+        guard registered else { return }
+        _ = try? await redis.send(RedisCommand("HSET", keys.node(node), "address", address), timeout: configuration.admissionTimeout)
     }
 
     /// Nodes holding a current lease at this node's last good heartbeat (at least 1): the local fallback's share

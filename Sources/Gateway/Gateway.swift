@@ -79,10 +79,14 @@ public final class Gateway: Service, Sendable {
             server: server,
             configuration: ApplicationConfiguration(address: .hostname(configuration.host, port: configuration.port), serverName: "fleetgate"),
             onServerRunning: { channel in
+                // The port is read now, while the channel is bound (0 was asked for: the system picked one).
+                let port = channel.localAddress?.port ?? core.configuration.port
+                // Operators see where the node runs (the node's hash in Redis, `fleetgate status`).
+                await core.limiter?.announce(address: Self.advertisedAddress(host: core.configuration.host, port: port))
                 // Announce the node once it can admit for real (registered in Redis), or after 5 s regardless: with
                 // Redis down from the start, the onRedisDown policy applies and the node still serves.
                 await core.limiter?.waitUntilRegistered(timeout: .seconds(5))
-                await onListening(channel.localAddress?.port ?? 0)
+                await onListening(port)
             },
             logger: logger
         )
@@ -101,6 +105,13 @@ public final class Gateway: Service, Sendable {
         } onGracefulShutdown: {
             core.beginDrain()
         }
+    }
+
+    /// `host:port` as operators should use it: a wildcard listen address (`0.0.0.0`, `::`) is replaced by the host
+    /// name.
+    static func advertisedAddress(host: String, port: Int) -> String {
+        let reachable = ["0.0.0.0", "::", "[::]", ""].contains(host) ? LimiterConfiguration.hostName() : host
+        return reachable.contains(":") && !reachable.hasPrefix("[") ? "[\(reachable)]:\(port)" : "\(reachable):\(port)"
     }
 
     // MARK: HTTP endpoints

@@ -1,4 +1,5 @@
 import ArgumentParser
+import ConnectionLimiter
 import Foundation
 
 /// The `fleetgate` command: one thin binary for the gateway, operators and benchmarks.
@@ -7,8 +8,8 @@ struct Fleetgate: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "fleetgate",
         abstract: "Fleet-wide per-user WebSocket connection limits on Redis.",
-        version: "0.1.0",
-        subcommands: [Serve.self, Bench.self]
+        version: FleetgateVersion.current,
+        subcommands: [Serve.self, Status.self, User.self, Nodes.self, Limit.self, Evict.self, Sweep.self, Token.self, Bench.self]
     )
 
     /// Runs the command; a failure is one line on stderr (`fleetgate: <what went wrong>`), never a usage dump.
@@ -23,7 +24,7 @@ struct Fleetgate: AsyncParsableCommand {
         } catch {
             let code = exitCode(for: error)
             guard code != .success else { exit(withError: error) }
-            let message = (error as? ServeError)?.description ?? message(for: error)
+            let message = (error as? ServeError)?.description ?? (error as? OperatorError)?.description ?? message(for: error)
             FileHandle.standardError.write(Data("fleetgate: \(message)\n".utf8))
             Foundation.exit(code.rawValue)
         }

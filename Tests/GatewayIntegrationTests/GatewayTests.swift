@@ -166,6 +166,21 @@ struct GatewayProcessTests {
         }
     }
 
+    @Test("with Redis unreachable at start, the listening line comes within seconds with the real port")
+    func listeningWithoutRedis() async throws {
+        let closed = try ClosedPort()
+        let clock = ContinuousClock()
+        let started = clock.now
+        let node = try await GatewayProcess.start(
+            executable: try GatewayProcess.fleetgateExecutable(),
+            arguments: ["serve", "--port", "0", "--redis", "redis://\(closed.address)", "--jwt-secret", Tokens.secret])
+        let elapsed = started.duration(to: clock.now)
+        #expect(node.port > 0)
+        #expect(elapsed < .seconds(15), "the listening line waits at most 5 s for Redis: \(elapsed)")
+        #expect(try await RawHTTP.get(port: node.port, path: "/healthz").status == 200)
+        await node.kill()
+    }
+
     @Test("/readyz turns 503 when Redis stops, and /healthz stays 200")
     func readinessFollowsRedis() async throws {
         try await RedisServer.withServer { server throws in
