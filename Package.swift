@@ -86,6 +86,16 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .target(
+            name: "LoadGenerator",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "JWTKit", package: "jwt-kit"),
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
             name: "TestSupport",
             dependencies: [
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -99,6 +109,7 @@ let package = Package(
                 "RedisClient",
                 "ConnectionLimiter",
                 "Gateway",
+                "LoadGenerator",
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "HummingbirdWSClient", package: "hummingbird-websocket"),

@@ -1,6 +1,7 @@
 import ArgumentParser
 import ConnectionLimiter
 import Foundation
+import LoadGenerator
 
 /// The `fleetgate` command: one thin binary for the gateway, operators and benchmarks.
 @main
@@ -9,7 +10,7 @@ struct Fleetgate: AsyncParsableCommand {
         commandName: "fleetgate",
         abstract: "Fleet-wide per-user WebSocket connection limits on Redis.",
         version: FleetgateVersion.current,
-        subcommands: [Serve.self, Status.self, User.self, Nodes.self, Limit.self, Evict.self, Sweep.self, Token.self, Bench.self]
+        subcommands: [Serve.self, Status.self, User.self, Nodes.self, Limit.self, Evict.self, Sweep.self, Token.self, Loadgen.self, Bench.self]
     )
 
     /// Runs the command; a failure is one line on stderr (`fleetgate: <what went wrong>`), never a usage dump.
@@ -24,7 +25,9 @@ struct Fleetgate: AsyncParsableCommand {
         } catch {
             let code = exitCode(for: error)
             guard code != .success else { exit(withError: error) }
-            let message = (error as? ServeError)?.description ?? (error as? OperatorError)?.description ?? message(for: error)
+            let message =
+                (error as? ServeError)?.description ?? (error as? OperatorError)?.description ?? (error as? LoadGeneratorError)?.description
+                ?? message(for: error)
             FileHandle.standardError.write(Data("fleetgate: \(message)\n".utf8))
             Foundation.exit(code.rawValue)
         }

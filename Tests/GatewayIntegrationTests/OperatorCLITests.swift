@@ -197,3 +197,43 @@ extension Fleet {
         return try JSONSerialization.jsonObject(with: Data(text.utf8))
     }
 }
+
+/// The load generator, run as the built binary against a real fleet.
+@Suite("Load generator against a real fleet", .timeLimit(.minutes(2)))
+struct LoadgenTests {
+    @Test("admitted + denied + failed = attempts, and no user ever holds more than its limit; agent runs complete")
+    func smallRun() async throws {
+        try await Fleet.with(2) { fleet in
+            let urls = fleet.nodes.flatMap { ["--url", "127.0.0.1:\($0.port)"] }
+            let run = try await CLI.run(
+                ["loadgen"] + urls + [
+                    "--users", "6", "--attempts", "8", "--conn-limit", "5", "--hold", "1s", "--agent-flow", "--secret", Tokens.secret,
+                    "--user-prefix", "lg-", "--json",
+                ])
+            #expect(run.status == 0, "\(run.err)")
+            let report = try #require(try JSONSerialization.jsonObject(with: Data(run.out.utf8)) as? [String: Any], "\(run.out)")
+            let attempts = report["attempts"] as? Int ?? -1
+            let admitted = report["admitted"] as? Int ?? -1
+            let denied = report["denied"] as? Int ?? -1
+            let failed = report["failed"] as? Int ?? -1
+            #expect(attempts == 48)
+            #expect(admitted + denied + failed == attempts)
+            #expect(failed == 0, "\(report["failureSamples"] ?? "")")
+            #expect(admitted == 30, "6 users × limit 5, every attempt in flight together")
+            #expect((report["peakOpenPerUser"] as? Int ?? 99) <= 5)
+            #expect(report["agentRunsCompleted"] as? Int == admitted)
+            // Everything was closed at the end: no entry left.
+            #expect(try await eventually { try await fleet.entries("lg-0").isEmpty })
+        }
+    }
+
+    @Test("bad input is refused with one line: no gateway, a bad URL, no secret")
+    func refusals() async throws {
+        let noURL = try await CLI.run(["loadgen", "--secret", Tokens.secret])
+        #expect(noURL.status != 0 && noURL.err.contains("--url"), "\(noURL.err)")
+        let badURL = try await CLI.run(["loadgen", "--url", "ws://nowhere", "--secret", Tokens.secret])
+        #expect(badURL.status != 0 && badURL.err.contains("invalid --url"), "\(badURL.err)")
+        let noSecret = try await CLI.run(["loadgen", "--url", "127.0.0.1:1"])
+        #expect(noSecret.status != 0 && noSecret.err.contains("secret"), "\(noSecret.err)")
+    }
+}
