@@ -118,6 +118,7 @@ public final class LoadGenerator: Sendable {
     public let configuration: LoadGeneratorConfiguration
     private let state = Mutex(State())
     private let group: any EventLoopGroup
+    private let stopped = Atomic<Bool>(false)
 
     private struct State {
         var report = LoadReport()
@@ -132,6 +133,14 @@ public final class LoadGenerator: Sendable {
         self.configuration = configuration
         self.group = eventLoopGroup
     }
+
+    /// Ends the run early: attempts not started are skipped, held connections are closed now, and ``run()`` returns
+    /// its report.
+    public func stop() {
+        stopped.store(true, ordering: .relaxed)
+    }
+
+    private var isStopped: Bool { stopped.load(ordering: .relaxed) }
 
     /// The counters so far.
     public func progress(since start: ContinuousClock.Instant) -> LoadProgress {
@@ -180,14 +189,22 @@ public final class LoadGenerator: Sendable {
     /// One attempt of `user`: connect, and if admitted hold until `holdUntil` (reconnecting if told to).
     private func attempt(user: Int, index: Int, token: String, holdUntil: ContinuousClock.Instant, gate: ConnectGate) async {
         var backoff = Duration.milliseconds(100)
+        var tries = 0
+        var everAdmitted = false
         while true {
             let target: LoadGeneratorConfiguration.Target
             switch configuration.spread {
-            case .roundRobin: target = configuration.targets[index % configuration.targets.count]
+            // A reconnection goes to the next gateway: the one that closed it may be gone.
+            case .roundRobin: target = configuration.targets[(index + tries) % configuration.targets.count]
             case .random: target = configuration.targets.randomElement()!
             }
             let outcome = await connectAndHold(user: user, target: target, token: token, holdUntil: holdUntil, gate: gate)
-            guard configuration.reconnect, outcome.retry, ContinuousClock.now < holdUntil else { return }
+            if outcome.outcome == .admitted { everAdmitted = true }
+            // A client that lost its connection retries also when denied (the slot it held may still count until
+            // its node's entries are evicted); a first attempt that was denied does not.
+            let retry = outcome.retry || (everAdmitted && outcome.outcome == .denied)
+            guard configuration.reconnect, retry, ContinuousClock.now < holdUntil, !isStopped else { return }
+            tries += 1
             state.withLock { $0.report.reconnects += 1 }
             // Jittered exponential backoff, as real clients do.
             let jitter = Double.random(in: 0.5...1.5)
@@ -201,6 +218,10 @@ public final class LoadGenerator: Sendable {
     ) async -> (outcome: AttemptOutcome, retry: Bool) {
         await gate.acquire()
         var holdsSlot = true
+        if isStopped {
+            gate.release()
+            return (.failed("stopped"), false)
+        }
         defer { if holdsSlot { gate.release() } }
         let eventLoop = group.next()
         let handler = LoadConnectionHandler(request: upgradeRequest(host: target.host, port: target.port, token: token), eventLoop: eventLoop)
@@ -247,10 +268,12 @@ public final class LoadGenerator: Sendable {
                 state.withLock { $0.report.agentRunsCompleted += 1 }
             }
         }
-        // Hold until the end of the run, or until the server closes the connection.
-        let left = ContinuousClock.now.duration(to: holdUntil)
-        if left > .zero {
-            // The close code (nil inside: the socket ended without one); nil outside: the hold time ran out first.
+        // Hold until the end of the run (or a stop), or until the server closes the connection; in slices, so a stop
+        // is noticed within half a second.
+        while !isStopped {
+            let left = min(ContinuousClock.now.duration(to: holdUntil), .milliseconds(500))
+            guard left > .zero else { break }
+            // The close code (nil inside: the socket ended without one); nil outside: the slice ran out first.
             if let ended = await value(of: handler.closed.futureResult, within: left) {
                 state.withLock { $0.report.closedByServer[ended.map(String.init) ?? "none", default: 0] += 1 }
                 return (.admitted, true)

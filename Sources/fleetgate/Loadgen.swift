@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import LoadGenerator
+import UnixSignals
 
 /// `fleetgate loadgen`: drive connection attempts through a fleet and report what happened.
 struct Loadgen: AsyncParsableCommand {
@@ -10,8 +11,9 @@ struct Loadgen: AsyncParsableCommand {
             Tokens are minted with the fleet's HS256 secret (--secret or FLEETGATE_JWT_SECRET). Attempts go to the \
             --url gateways round-robin (or at random), at most --concurrency in flight; admitted connections are held \
             for --hold, then closed. With --reconnect, a connection the server closes (a kick, a drain, a dead node) is \
-            reopened with jittered exponential backoff until the hold ends. Progress is one line on a terminal, plain \
-            lines otherwise; --json prints the report as JSON.
+            reopened with jittered exponential backoff (on the next gateway) until the hold ends. SIGINT or SIGTERM ends the \
+            run early with its report. Progress is one line on a terminal, plain lines otherwise, on stderr; --json \
+            prints the report as JSON.
             """
     )
 
@@ -64,6 +66,15 @@ struct Loadgen: AsyncParsableCommand {
         let started = ContinuousClock.now
         let report = try await withThrowingTaskGroup(of: LoadReport?.self) { group in
             group.addTask { try await generator.run() }
+            group.addTask {
+                // SIGINT or SIGTERM ends the run early, with its report (every held connection closed first).
+                for await _ in await UnixSignalsSequence(trapping: .sigint, .sigterm) {
+                    generator.stop()
+                    break
+                }
+                try await Task.sleep(for: .seconds(3600 * 24))
+                return nil
+            }
             group.addTask {
                 // Progress on stderr: one line rewritten in place on a terminal, a plain line every 2 s otherwise.
                 var tick = 0
