@@ -116,22 +116,9 @@ struct ServeCommandTests {
 
     @Test("the binary: --help documents every option with its variable; a bad flag or no key stops with one line")
     func binary() async throws {
-        let binary = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("fleetgate")
         func run(_ arguments: [String]) async throws -> (status: Int32, out: String, err: String) {
-            let process = Process()
-            process.executableURL = binary
-            process.arguments = arguments
-            var environment = ProcessInfo.processInfo.environment
-            environment["FLEETGATE_JWT_SECRET"] = nil
-            process.environment = environment
-            // One launch at a time through TestSupport; the blocking reads run off the concurrency pool.
-            let (out, err) = try ChildProcess.runCapturingOutput(process)
-            return await BlockingWork.run {
-                let stdout = String(decoding: out.readDataToEndOfFile(), as: UTF8.self)
-                let stderr = String(decoding: err?.readDataToEndOfFile() ?? Data(), as: UTF8.self)
-                process.waitUntilExit()
-                return (process.terminationStatus, stdout, stderr)
-            }
+            let result = try await FleetgateCommand.run(arguments)
+            return (result.status, result.out, result.err)
         }
         let help = try await run(["serve", "--help"])
         #expect(help.status == 0)

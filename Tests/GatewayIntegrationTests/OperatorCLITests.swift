@@ -156,32 +156,8 @@ struct OperatorCLITests {
 
 // MARK: - Running the binary
 
-/// The built `fleetgate` binary, run to completion.
-enum CLI {
-    struct Result: Sendable {
-        var status: Int32
-        var out: String
-        var err: String
-    }
-
-    static func run(_ arguments: [String], environment extra: [String: String] = [:]) async throws -> Result {
-        let process = Process()
-        process.executableURL = try GatewayProcess.fleetgateExecutable()
-        process.arguments = arguments
-        var environment = ProcessInfo.processInfo.environment
-        for name in ["FLEETGATE_REDIS_URL", "FLEETGATE_KEY_PREFIX", "FLEETGATE_JWT_SECRET", "FLEETGATE_DEFAULT_LIMIT"] { environment[name] = nil }
-        environment.merge(extra) { _, new in new }
-        process.environment = environment
-        // One launch at a time through TestSupport; the blocking reads run off the concurrency pool.
-        let (out, err) = try ChildProcess.runCapturingOutput(process)
-        return await BlockingWork.run {
-            let stdout = String(decoding: out.readDataToEndOfFile(), as: UTF8.self)
-            let stderr = String(decoding: err?.readDataToEndOfFile() ?? Data(), as: UTF8.self)
-            process.waitUntilExit()
-            return Result(status: process.terminationStatus, out: stdout, err: stderr)
-        }
-    }
-}
+/// The built `fleetgate` binary (TestSupport's ``FleetgateCommand``).
+typealias CLI = FleetgateCommand
 
 extension Fleet {
     /// Runs an operator command on this fleet (its Redis, its key prefix); fails the test on a non-zero exit.
