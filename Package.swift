@@ -186,6 +186,9 @@ let package = Package(
             name: "FleetgateCLITests",
             dependencies: [
                 "fleetgate",
+                "Gateway",
+                "LoadGenerator",
+                "ConnectionLimiter",
                 "TestSupport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
