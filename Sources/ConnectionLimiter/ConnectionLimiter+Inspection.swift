@@ -45,6 +45,15 @@ public struct LimiterTotals: Sendable, Hashable {
     public var connections: Int
     /// Users with connections, summed over live nodes (a user on two nodes counts twice).
     public var userNodePairs: Int
+
+    /// The totals of a registry listing (``ConnectionLimiter/nodes()``), for a caller that already has one.
+    public init(nodes: [NodeStatus]) {
+        let live = nodes.filter(\.isAlive)
+        liveNodes = live.count
+        deadNodes = nodes.count - live.count
+        connections = live.reduce(0) { $0 + $1.connections }
+        userNodePairs = live.reduce(0) { $0 + $1.users }
+    }
 }
 
 /// A user with more live entries than its limit (possible only transiently, e.g. after a Redis failover).
@@ -104,14 +113,7 @@ extension ConnectionLimiter {
 
     /// Totals over the node registry.
     public func totals() async throws -> LimiterTotals {
-        let all = try await nodes()
-        let live = all.filter(\.isAlive)
-        return LimiterTotals(
-            liveNodes: live.count,
-            deadNodes: all.count - live.count,
-            connections: live.reduce(0) { $0 + $1.connections },
-            userNodePairs: live.reduce(0) { $0 + $1.users }
-        )
+        LimiterTotals(nodes: try await nodes())
     }
 
     /// Users whose live entries exceed their limit (an operator check; scans every user key).

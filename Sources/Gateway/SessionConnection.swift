@@ -183,7 +183,7 @@ final class SessionConnection: Sendable {
     /// `timeout`. Concurrent probes of one connection share one ping and its deadline. A connection that is already
     /// closing counts as gone. The caller closes a connection that failed.
     func probe(idle: Duration, timeout: Duration) async -> ProbeOutcome {
-        enum Start { case alive, gone, wait(sendPing: Bool) }
+        enum Start { case gone, wait(sendPing: Bool) }
         let now = ContinuousClock.now
         let eventLoop = channel.eventLoop
         let (recent, blocked) = state.withLockedValue { state in
@@ -194,7 +194,6 @@ final class SessionConnection: Sendable {
         let answered = await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
             let start = state.withLockedValue { state -> Start in
                 if state.closingWith != nil { return .gone }
-                if now - state.lastSignOfLife < idle { return .alive }
                 state.probeWaiters.append(continuation)
                 guard state.probeTimer == nil else { return .wait(sendPing: false) }
                 state.probeGeneration &+= 1
@@ -209,8 +208,6 @@ final class SessionConnection: Sendable {
                 return .wait(sendPing: true)
             }
             switch start {
-            case .alive:
-                continuation.resume(returning: true)
             case .gone:
                 continuation.resume(returning: false)
             case .wait(let sendPing):

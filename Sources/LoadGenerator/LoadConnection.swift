@@ -1,3 +1,4 @@
+import Foundation
 import NIOCore
 import NIOPosix
 
@@ -193,21 +194,6 @@ func upgradeRequest(host: String, port: Int, token: String) -> [UInt8] {
     for index in key.indices { key[index] = UInt8.random(in: 0...255) }
     let request =
         "GET /ws HTTP/1.1\r\nHost: \(host):\(port)\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
-        + "Sec-WebSocket-Key: \(base64(key))\r\nAuthorization: Bearer \(token)\r\n\r\n"
+        + "Sec-WebSocket-Key: \(Data(key).base64EncodedString())\r\nAuthorization: Bearer \(token)\r\n\r\n"
     return Array(request.utf8)
-}
-
-private func base64(_ bytes: [UInt8]) -> String {
-    let table = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
-    var out = ""
-    var index = 0
-    while index < bytes.count {
-        let chunk = Array(bytes[index..<min(index + 3, bytes.count)])
-        let value = chunk.enumerated().reduce(0) { $0 | Int($1.element) << (16 - 8 * $1.offset) }
-        for position in 0..<4 {
-            out.append(position <= chunk.count ? table[(value >> (18 - 6 * position)) & 0x3F] : "=")
-        }
-        index += 3
-    }
-    return out
 }

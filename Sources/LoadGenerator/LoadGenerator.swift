@@ -1,6 +1,5 @@
 import Foundation
 import Histogram
-import JWTKit
 import NIOCore
 import NIOPosix
 import Synchronization
@@ -314,21 +313,13 @@ public final class LoadGenerator: Sendable {
     }
 
     static func tokens(_ configuration: LoadGeneratorConfiguration) async throws -> [String] {
-        struct Claims: JWTPayload {
-            var sub: SubjectClaim
-            var exp: ExpirationClaim
-            var conn_limit: Int?
-            func verify(using algorithm: some JWTAlgorithm) async throws {}
-        }
-        let keys = JWTKeyCollection()
-        await keys.add(hmac: HMACKey(from: configuration.secret), digestAlgorithm: .sha256)
+        let minter = await ClientTokens(secret: configuration.secret)
         let expiry = Date().addingTimeInterval(Self.seconds(configuration.hold) + 3600)
         var tokens: [String] = []
         tokens.reserveCapacity(configuration.users)
         for user in 0..<configuration.users {
             tokens.append(
-                try await keys.sign(
-                    Claims(sub: .init(value: "\(configuration.userPrefix)\(user)"), exp: .init(value: expiry), conn_limit: configuration.limitClaim)))
+                try await minter.mint(user: "\(configuration.userPrefix)\(user)", expiry: expiry, connectionLimit: configuration.limitClaim))
         }
         return tokens
     }

@@ -77,10 +77,8 @@ struct Loadgen: AsyncParsableCommand {
             }
             group.addTask {
                 // Progress on stderr: one line rewritten in place on a terminal, a plain line every 2 s otherwise.
-                var tick = 0
                 while !Task.isCancelled {
                     try await Task.sleep(for: .milliseconds(terminal ? 500 : 2000))
-                    tick += 1
                     let line = Self.progressLine(generator.progress(since: started))
                     FileHandle.standardError.write(Data((terminal ? "\r\u{1B}[K" + line : line + "\n").utf8))
                 }

@@ -28,6 +28,11 @@ struct NodeReport: Codable, Sendable {
         lastHeartbeatMsAgo = node.lastHeartbeatAgo.map(wholeMilliseconds)
     }
 
+    /// The registry, live nodes first, by name.
+    static func registry(_ limiter: ConnectionLimiter) async throws -> [NodeStatus] {
+        try await limiter.nodes().sorted { ($0.isAlive ? 0 : 1, $0.name, $0.id) < ($1.isAlive ? 0 : 1, $1.name, $1.id) }
+    }
+
     static func table(_ nodes: [NodeReport]) -> String {
         var table = TextTable("NODE", "NAME", "ADDRESS", "STATE", "CONNS", "USERS", "LAST BEAT", "VERSION", "PID")
         for node in nodes {
@@ -58,14 +63,13 @@ struct StatusReport: Codable, Sendable {
     var usersOverLimit: [OverLimit]
 
     static func gather(_ limiter: ConnectionLimiter) async throws -> StatusReport {
-        let nodes = try await limiter.nodes().sorted { ($0.isAlive ? 0 : 1, $0.name, $0.id) < ($1.isAlive ? 0 : 1, $1.name, $1.id) }
-        let live = nodes.filter(\.isAlive)
+        let nodes = try await NodeReport.registry(limiter)
+        let totals = LimiterTotals(nodes: nodes)
         let over = try await limiter.usersOverLimit(maximum: 100)
         return StatusReport(
             nodes: nodes.map(NodeReport.init),
             totals: Totals(
-                liveNodes: live.count, deadNodes: nodes.count - live.count, connections: live.reduce(0) { $0 + $1.connections },
-                userNodePairs: live.reduce(0) { $0 + $1.users }),
+                liveNodes: totals.liveNodes, deadNodes: totals.deadNodes, connections: totals.connections, userNodePairs: totals.userNodePairs),
             usersOverLimit: over.map { OverLimit(user: $0.user, count: $0.count, limit: $0.limit) })
     }
 
@@ -133,7 +137,8 @@ struct Nodes: AsyncParsableCommand {
     func run() async throws {
         let options = options
         try await options.withLimiter { limiter in
-            let nodes = try await StatusReport.gather(limiter).nodes
+            // The registry only: no scan of every user key (which `status` makes for users over their limit).
+            let nodes = try await NodeReport.registry(limiter).map(NodeReport.init)
             if options.json {
                 try options.printJSON(nodes)
             } else {

@@ -2,7 +2,7 @@ import ArgumentParser
 import ConnectionLimiter
 import Foundation
 import Gateway
-import JWTKit
+import LoadGenerator
 
 /// `fleetgate token`: mint an HS256 client token for trying a fleet.
 struct Token: AsyncParsableCommand {
@@ -15,14 +15,6 @@ struct Token: AsyncParsableCommand {
     @Option(help: "A conn_limit claim: this user's limit for the connections the token opens (a Redis override still wins).")
     var connLimit: Int?
     @Flag(help: "Print JSON (token, user, expiry) instead of the bare token.") var json = false
-
-    struct Claims: JWTPayload {
-        var sub: SubjectClaim
-        var exp: ExpirationClaim
-        var iat: IssuedAtClaim
-        var conn_limit: Int?
-        func verify(using algorithm: some JWTAlgorithm) async throws {}
-    }
 
     struct Report: Codable {
         var token: String
@@ -50,9 +42,7 @@ struct Token: AsyncParsableCommand {
         }
         let now = Date()
         let expiry = now.addingTimeInterval(Double(wholeMilliseconds(lifetime)) / 1000)
-        let keys = JWTKeyCollection()
-        await keys.add(hmac: HMACKey(from: secret), digestAlgorithm: .sha256)
-        let token = try await keys.sign(Claims(sub: .init(value: user), exp: .init(value: expiry), iat: .init(value: now), conn_limit: connLimit))
+        let token = try await ClientTokens(secret: secret).mint(user: user, expiry: expiry, connectionLimit: connLimit)
         if json {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
