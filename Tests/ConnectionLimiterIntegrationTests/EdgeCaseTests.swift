@@ -119,6 +119,43 @@ struct EdgeCaseTests {
         }
     }
 
+    @Test("a renewal that put entries back under the old id before the re-registration: no socket is counted twice")
+    func readmissionReplacesRenewedOldMember() async throws {
+        let server = try await SharedRedisServer.get()
+        let configuration = testConfiguration(limit: 20) {
+            $0.lease.ttl = .seconds(30)
+            $0.lease.renewInterval = .seconds(10)
+        }
+        let node = try await LimiterNode.start(server.url, configuration)
+        // Well under the limit: at the limit the old incarnation's members would be dropped as dead anyway.
+        for index in 0..<3 { try await node.limiter.mustAdmit("ivy", "i\(index)") }
+        let events = LimiterEvents(node.limiter)
+        let first = node.limiter.nodeID
+        try await withClient(server.url) { redis throws in
+            func members() async throws -> [String] {
+                (try await redis.send("ZRANGE", connsKey(configuration, "ivy"), 0, -1).array ?? []).compactMap(\.string).sorted()
+            }
+            // Redis lost the user's entries (a restart without data), and a renewal puts them back under the id it holds…
+            _ = try await redis.send("DEL", connsKey(configuration, "ivy"))
+            await node.limiter.renewLeases()
+            #expect(try await members() == (0..<3).map { "\(first):i\($0)" })
+            // …before the heartbeat finds the registration gone too: a new incarnation re-admits the same sockets.
+            _ = try await redis.send("ZREM", "\(configuration.keyPrefix):nodes", first)
+            var readmitted: Int?
+            while let event = await events.next() {
+                if case .reregistered(let node, let count, _) = event, node != first {
+                    readmitted = count
+                    break
+                }
+            }
+            #expect(readmitted == 3)
+            let second = node.limiter.nodeID
+            #expect(try await members() == (0..<3).map { "\(second):i\($0)" }, "the old entries must be replaced, not kept beside")
+        }
+        #expect(node.limiter.localConnectionCount == 3)
+        await node.stop()
+    }
+
     @Test("dry run never closes: connections admitted on the local count are all re-added by the renewal, over the limit")
     func dryRunRenewalNeverKicks() async throws {
         try await RedisServer.withServer { server throws in

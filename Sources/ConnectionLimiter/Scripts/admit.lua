@@ -13,7 +13,9 @@
 --          evict-oldest: admission times kept as with "evict", but at the limit it is denied as with "reject")
 -- ARGV[5]  "1" = dry run: always admit, report what the limit would have decided
 -- ARGV[6]  the member this connection was held under before ("" if none): a re-admission after a lease loss. If
---          it is marked kicked, the connection was kicked while its node was away: answered with status 5
+--          it is marked kicked, the connection was kicked while its node was away: answered with status 5. Otherwise
+--          its entry (if a renewal under the old id put it back) is replaced, keeping its admission time: one socket
+--          is never counted twice
 -- ARGV[7…] node ids the caller knows are dead; their members are dropped when the user is at the limit
 --
 -- Returns {status, count, limit, now, expiredRemoved, deadRemoved, extra…}
@@ -51,6 +53,11 @@ if previous and previous ~= "" then
     return {5, redis.call('ZCARD', conns), limit, now, expired, 0}
   end
 end
+local admittedAt = now
+if previous and previous ~= "" and previous ~= member and redis.call('ZREM', conns, previous) == 1 and keepSince then
+  admittedAt = tonumber(redis.call('ZSCORE', sinceKey, previous)) or now
+  redis.call('ZREM', sinceKey, previous)
+end
 
 if redis.call('ZSCORE', conns, member) then
   redis.call('ZADD', conns, expiry, member)
@@ -78,7 +85,7 @@ local function add()
   redis.call('ZADD', conns, expiry, member)
   redis.call('PEXPIRE', conns, ttl)
   if keepSince then
-    redis.call('ZADD', sinceKey, now, member)
+    redis.call('ZADD', sinceKey, admittedAt, member)
     redis.call('PEXPIRE', sinceKey, ttl)
   end
 end
