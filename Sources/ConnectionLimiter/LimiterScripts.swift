@@ -35,6 +35,29 @@ struct LimiterScripts: Sendable {
     }()
 }
 
+extension ConnectionLimiter {
+    /// The limiter's Lua scripts (each file under `Scripts/` documents its keys, arguments and reply).
+    public enum Script: String, CaseIterable, Sendable {
+        case admit, release, renew, purge, heartbeat, kick
+        case sweeperLock = "sweeper-lock"
+    }
+
+    /// The source of one of the limiter's scripts, exactly as the limiter runs it: for benchmarks that run the same
+    /// script beside it (`redis-benchmark` with `EVALSHA`) and for operators who run one by hand.
+    public static func scriptSource(_ script: Script) -> String {
+        let scripts = LimiterScripts.shared
+        switch script {
+        case .admit: return scripts.admit.source
+        case .release: return scripts.release.source
+        case .renew: return scripts.renew.source
+        case .purge: return scripts.purge.source
+        case .heartbeat: return scripts.heartbeat.source
+        case .kick: return scripts.kick.source
+        case .sweeperLock: return scripts.sweeperLock.source
+        }
+    }
+}
+
 /// One step of a pipelined write: a plain command or a script call (re-sent with EVAL on `NOSCRIPT`).
 enum PipelineStep: Sendable {
     case command(RedisCommand)

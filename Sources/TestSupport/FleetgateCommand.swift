@@ -1,3 +1,4 @@
+import ChildProcesses
 import Foundation
 
 /// The built `fleetgate` binary run to completion, for tests of its commands.

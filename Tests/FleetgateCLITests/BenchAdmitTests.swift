@@ -1,8 +1,12 @@
 import ArgumentParser
+import ChildProcesses
+import ConnectionLimiter
 import Foundation
+import RedisClient
 import TestSupport
 import Testing
 
+@testable import FleetgateBench
 @testable import fleetgate
 
 @Suite("fleetgate bench admit")
@@ -73,7 +77,11 @@ struct BenchAdmitTests {
             "bench", "admit", "--clients", "3", "--pipeline", "7", "--requests", "1000", "--users", "42", "--limit", "9",
         ])
         let bench = try #require(command as? BenchAdmit)
-        var runner = try bench.makeRunner(admitScriptSource: "return 1", redisBenchmarkPath: "/bin/false")
+        var runner = try bench.makeRunner(redisBenchmarkPath: "/bin/false")
+        // By default the limiter's own admission script, exactly as the limiter loads it.
+        #expect(runner.admitScript.source == ConnectionLimiter.scriptSource(.admit))
+        #expect(runner.admitScript.source.contains("ZREMRANGEBYSCORE"))
+        runner.admitScript = RedisScript("return 1")
         runner.prefix = "fgbench-test"
         #expect(
             runner.referenceArguments == [
@@ -83,7 +91,6 @@ struct BenchAdmitTests {
                 "benchnode:__rand_int__", "9", "30000", "reject", "0",
             ])
         #expect(AdmitBenchRunner.digits(42) == "000000000042")
-        #expect(try AdmitBenchRunner.loadAdmitScriptSource().contains("ZREMRANGEBYSCORE"))
     }
 
     @Test("the built binary measures throughput, memory and upkeep, leaving no keys behind", .timeLimit(.minutes(1)))

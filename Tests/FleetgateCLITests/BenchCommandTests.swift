@@ -1,8 +1,10 @@
 import ArgumentParser
+import ChildProcesses
 import Foundation
 import TestSupport
 import Testing
 
+@testable import FleetgateBench
 @testable import fleetgate
 
 @Suite("fleetgate bench redis")

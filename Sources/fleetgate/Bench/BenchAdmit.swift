@@ -1,4 +1,5 @@
 import ArgumentParser
+import FleetgateBench
 import Foundation
 import RedisClient
 
@@ -93,16 +94,13 @@ struct BenchAdmit: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let runner = try makeRunner(
-            admitScriptSource: AdmitBenchRunner.loadAdmitScriptSource(),
-            redisBenchmarkPath: redisBenchmark ?? RedisBenchmarkTool.locate()
-        )
+        let runner = try makeRunner(redisBenchmarkPath: redisBenchmark ?? RedisBenchmarkTool.locate())
         let result = try await runner.run()
         print(runner.report(result))
     }
 
     /// The runner for these options (0 for either memory size skips the memory and CPU measurements).
-    func makeRunner(admitScriptSource: String, redisBenchmarkPath: String) throws -> AdmitBenchRunner {
+    func makeRunner(redisBenchmarkPath: String) throws -> AdmitBenchRunner {
         AdmitBenchRunner(
             configuration: try RedisClientConfiguration(url: url),
             clients: clients,
@@ -113,8 +111,7 @@ struct BenchAdmit: AsyncParsableCommand {
             memoryUsers: memoryConnectionsPerUser == 0 ? 0 : memoryUsers,
             memoryConnectionsPerUser: memoryUsers == 0 ? 0 : memoryConnectionsPerUser,
             renewInterval: .seconds(renewInterval),
-            redisBenchmarkPath: redisBenchmarkPath,
-            admitScript: RedisScript(admitScriptSource)
+            redisBenchmarkPath: redisBenchmarkPath
         )
     }
 }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import FleetgateBench
 import Foundation
 import RedisClient
 import UnixSignals
@@ -109,11 +110,4 @@ struct BenchGateway: AsyncParsableCommand {
     }
 }
 
-/// The client `bench gateway` drives both nodes with.
-enum GatewayBenchClient: String, ExpressibleByArgument, CaseIterable, Sendable {
-    /// One NIO channel handler per connection that writes the upgrade request as bytes and reads the 101 and the close
-    /// answer itself: the client spends little CPU, so the nodes get most of the machine.
-    case minimal
-    /// HummingbirdWSClient, as an application would connect (HTTP client codec, upgrader, async channel, tasks).
-    case hummingbird
-}
+extension GatewayBenchClient: ExpressibleByArgument {}

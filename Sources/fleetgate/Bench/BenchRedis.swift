@@ -1,7 +1,6 @@
 import ArgumentParser
+import FleetgateBench
 import Foundation
-import Histogram
-import Logging
 import RedisClient
 
 /// `fleetgate bench redis`: the client's throughput and latency next to `redis-benchmark` on the same server.
@@ -17,16 +16,8 @@ struct BenchRedis: AsyncParsableCommand {
             """
     )
 
-    enum Workload: String, ExpressibleByArgument, CaseIterable {
-        case set, evalsha
-    }
-
-    enum Mode: String, ExpressibleByArgument, CaseIterable {
-        case automatic, explicit
-    }
-
     @Option(parsing: .upToNextOption, help: "Client modes: automatic (independent callers), explicit (pipeline() batches).")
-    var mode: [Mode] = [.automatic, .explicit]
+    var mode: [RedisBenchMode] = [.automatic, .explicit]
 
     @Option(help: "The Redis server, redis://[user:password@]host:port[/db].")
     var url: String = "redis://127.0.0.1:6379"
@@ -41,7 +32,7 @@ struct BenchRedis: AsyncParsableCommand {
     var pipeline: Int = 16
 
     @Option(parsing: .upToNextOption, help: "Workloads to run: set, evalsha.")
-    var command: [Workload] = [.set, .evalsha]
+    var command: [RedisBenchWorkload] = [.set, .evalsha]
 
     @Flag(help: "Run the client's request tasks on its connection's event loop (RedisClient.taskExecutor).")
     var eventLoopExecutor = false
@@ -76,3 +67,6 @@ struct BenchRedis: AsyncParsableCommand {
         print(RedisBenchRunner.report(results, clients: clients, pipeline: pipeline, requests: requests))
     }
 }
+
+extension RedisBenchMode: ExpressibleByArgument {}
+extension RedisBenchWorkload: ExpressibleByArgument {}

@@ -4,11 +4,11 @@ import Synchronization
 
 /// Launching child processes so they behave like ones started from a shell, one at a time.
 ///
-/// Every child of the test process must be launched here (``run(_:)``, ``runCapturingOutput(_:error:)``): Foundation's
+/// Every child of this process (tests, benchmarks, the chaos runner) must be launched here (``run(_:)``, ``runCapturingOutput(_:error:)``): Foundation's
 /// `Process.run()` on Linux is not safe against a concurrent launch. It lists the open descriptors (to close them in
 /// the child), then creates an inheritable socket pair (to learn of the child's exit), then spawns; a descriptor that
 /// another thread creates in between (the socket pair of a concurrent launch, a `Pipe`) leaks into the child. When that
-/// child lives long (the shared server lives as long as the test process), the other child's exit is never reported, so
+/// child lives long (a shared server lives as long as the test process), the other child's exit is never reported, so
 /// its ``ExitWatcher`` (`kill()`, `withServer`) waits forever, and a pipe never reaches EOF, so its reader waits
 /// forever. Measured with two threads launching long-lived children: 12 of 1,500 pipe reads waited for one of them.
 public enum ChildProcess {
@@ -29,7 +29,7 @@ public enum ChildProcess {
     /// Runs `process` (like ``run(_:)``) with new pipes as its standard output and, with `error`, its standard error,
     /// and returns their read ends. The pipes are created under the launch lock, so no other child can inherit their
     /// write ends (a reader would then wait for that child's exit too). Read them off the concurrency pool
-    /// (``BlockingWork``): reading to the end blocks until the child exits.
+    /// (e.g. TestSupport's `BlockingWork`): reading to the end blocks until the child exits.
     public static func runCapturingOutput(_ process: Process, error: Bool = true) throws -> (output: FileHandle, error: FileHandle?) {
         try launching.withLock { _ in
             let output = Pipe()

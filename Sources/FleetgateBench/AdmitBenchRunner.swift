@@ -5,7 +5,7 @@ import RedisClient
 import Synchronization
 
 /// What `bench admit` measured.
-struct AdmitBenchResult: Sendable {
+public struct AdmitBenchResult: Sendable {
     /// 1. Admission throughput, the limiter next to redis-benchmark.
     struct Throughput: Sendable {
         var limiter: Measurement
@@ -74,9 +74,10 @@ struct AdmitBenchResult: Sendable {
 }
 
 /// Runs `bench admit`: every key lives under ``prefix`` and is deleted at the end, also on failure.
-struct AdmitBenchRunner: Sendable {
-    struct Failure: Error, CustomStringConvertible {
-        var description: String
+public struct AdmitBenchRunner: Sendable {
+    /// The benchmark could not run or a check failed; the message says what and where.
+    public struct Failure: Error, CustomStringConvertible {
+        public var description: String
     }
 
     /// Lease of every entry written in the throughput measurement (also given to redis-benchmark).
@@ -100,40 +101,34 @@ struct AdmitBenchRunner: Sendable {
     /// `:s` (script alone) and `:m` (limiter).
     var prefix = "fgbench-" + String((0..<6).map { _ in "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz".randomElement()! })
 
+    /// A runner; `memoryUsers` or `memoryConnectionsPerUser` 0 skips the memory and upkeep measurements, and
+    /// `admitScript` is what redis-benchmark runs beside the limiter (by default the limiter's own admission script).
+    public init(
+        configuration: RedisClientConfiguration, clients: Int, pipeline: Int, requests: Int, users: Int, limit: Int, memoryUsers: Int,
+        memoryConnectionsPerUser: Int, renewInterval: Duration, redisBenchmarkPath: String,
+        admitScript: RedisScript = RedisScript(ConnectionLimiter.scriptSource(.admit))
+    ) {
+        self.configuration = configuration
+        self.clients = clients
+        self.pipeline = pipeline
+        self.requests = requests
+        self.users = users
+        self.limit = limit
+        self.memoryUsers = memoryUsers
+        self.memoryConnectionsPerUser = memoryConnectionsPerUser
+        self.renewInterval = renewInterval
+        self.redisBenchmarkPath = redisBenchmarkPath
+        self.admitScript = admitScript
+    }
+
     private var logger: Logger {
         var logger = Logger(label: "fleetgate.bench")
         logger.logLevel = .warning
         return logger
     }
 
-    /// Reads `Scripts/admit.lua` from ConnectionLimiter's resource bundle, which SwiftPM puts next to the executable
-    /// (the limiter loads the very same file through `Bundle.module`).
-    static func loadAdmitScriptSource() throws -> String {
-        var directories = [Bundle.main.bundleURL]
-        if let executable = Bundle.main.executableURL {
-            directories += [executable.deletingLastPathComponent(), executable.resolvingSymlinksInPath().deletingLastPathComponent()]
-        }
-        let candidates = [
-            "fleetgate_ConnectionLimiter.resources/Scripts/admit.lua",
-            "fleetgate_ConnectionLimiter.bundle/Contents/Resources/Scripts/admit.lua",
-            "fleetgate_ConnectionLimiter.bundle/Scripts/admit.lua",
-        ]
-        for directory in directories {
-            for candidate in candidates {
-                if let source = try? String(contentsOf: directory.appendingPathComponent(candidate), encoding: .utf8) {
-                    return source
-                }
-            }
-        }
-        throw Failure(
-            description: """
-                the limiter's admission script was not found: looked for \(candidates[0]) next to the executable in \
-                \(Set(directories.map(\.path)).sorted().joined(separator: ", ")); SwiftPM builds that resource bundle next to \
-                `fleetgate`, keep it there when copying the binary
-                """)
-    }
-
-    func run() async throws -> AdmitBenchResult {
+    /// Runs the three measurements and cleans up; throws ``Failure`` (after cleaning up) when one cannot run.
+    public func run() async throws -> AdmitBenchResult {
         let admin = RedisClient(configuration: configuration, logger: logger)
         let redis = RedisClient(configuration: configuration, logger: logger)
         return try await withThrowingTaskGroup(of: Void.self) { group in
@@ -466,7 +461,8 @@ struct AdmitBenchRunner: Sendable {
 
     // MARK: Report
 
-    func report(_ result: AdmitBenchResult) -> String {
+    /// The printed report.
+    public func report(_ result: AdmitBenchResult) -> String {
         let throughput = result.throughput
         let limiter = throughput.limiter
         let reference = throughput.reference

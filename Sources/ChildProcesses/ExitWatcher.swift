@@ -6,15 +6,15 @@ import Synchronization
 ///
 /// `Process.terminationHandler` calls ``markExited(status:signaled:)`` from Foundation's own thread; waiters that
 /// arrive after that return immediately, so there is no window in which the exit can be missed.
-final class ExitWatcher: Sendable {
+public final class ExitWatcher: Sendable {
     /// How the process ended.
-    struct Termination: Sendable, CustomStringConvertible {
+    public struct Termination: Sendable, CustomStringConvertible {
         /// The exit status, or the signal number when `signaled` is true.
-        var status: Int32
+        public var status: Int32
         /// Whether the process was ended by an uncaught signal.
-        var signaled: Bool
+        public var signaled: Bool
 
-        var description: String {
+        public var description: String {
             signaled ? "killed by signal \(status)" : "exited with status \(status)"
         }
     }
@@ -30,18 +30,18 @@ final class ExitWatcher: Sendable {
     private let state = Mutex(State())
 
     /// How the process ended, or nil while it is still running.
-    var termination: Termination? {
+    public var termination: Termination? {
         state.withLock { $0.termination }
     }
 
     /// Whether the process has exited (and been reaped).
-    var hasExited: Bool {
+    public var hasExited: Bool {
         termination != nil
     }
 
     /// Announces `pid` to ``ProcessWatchdog`` unless the process has already exited; ``markExited(status:signaled:)``
     /// withdraws it. Both happen under one lock, so an early exit can never leave a stale (reusable) pid announced.
-    func registerWithWatchdog(pid: Int32) {
+    public func registerWithWatchdog(pid: Int32) {
         state.withLock { state in
             guard state.termination == nil, state.watchedPID == nil else { return }
             ProcessWatchdog.watch(pid: pid)
@@ -50,7 +50,7 @@ final class ExitWatcher: Sendable {
     }
 
     /// Records the exit and wakes every waiter. Later calls are ignored.
-    func markExited(status: Int32, signaled: Bool) {
+    public func markExited(status: Int32, signaled: Bool) {
         let waiters = state.withLock { state -> [CheckedContinuation<Bool, Never>] in
             guard state.termination == nil else { return [] }
             state.termination = Termination(status: status, signaled: signaled)
@@ -67,7 +67,7 @@ final class ExitWatcher: Sendable {
 
     /// Waits until the process has exited; returns false if `timeout` passed first (the process may still be running).
     @discardableResult
-    func wait(timeout: Duration? = nil) async -> Bool {
+    public func wait(timeout: Duration? = nil) async -> Bool {
         await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
             let waiterID = state.withLock { state -> Int? in
                 guard state.termination == nil else { return nil }
@@ -94,7 +94,7 @@ final class ExitWatcher: Sendable {
 
 extension ExitWatcher {
     /// Creates a watcher and installs it as `process`'s termination handler (call before `run()`).
-    static func attached(to process: Process) -> ExitWatcher {
+    public static func attached(to process: Process) -> ExitWatcher {
         let watcher = ExitWatcher()
         process.terminationHandler = { process in
             watcher.markExited(status: process.terminationStatus, signaled: process.terminationReason == .uncaughtSignal)

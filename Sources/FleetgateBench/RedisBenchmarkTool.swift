@@ -2,13 +2,14 @@ import Foundation
 import RedisClient
 
 /// Runs Debian's `redis-benchmark` and reads its CSV output.
-enum RedisBenchmarkTool {
-    struct Failure: Error, CustomStringConvertible {
-        var description: String
+public enum RedisBenchmarkTool {
+    /// redis-benchmark is missing, failed, or printed something unexpected.
+    public struct Failure: Error, CustomStringConvertible {
+        public var description: String
     }
 
     /// The path of `redis-benchmark` on `PATH`.
-    static func locate() throws -> String {
+    public static func locate() throws -> String {
         let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
         for directory in path.split(separator: ":") {
             let candidate = "\(directory)/redis-benchmark"

@@ -1,14 +1,14 @@
 import Foundation
 import Glibc
 
-/// A child process launched through ``ChildProcess`` with its output going to files and its exit watched: the part
-/// `RedisServer` (redis-server, redis-cli) and `GatewayProcess` share.
-struct LaunchedChild: Sendable {
+/// A child process launched through ``ChildProcess`` with its output going to files and its exit watched: what
+/// TestSupport's `RedisServer` and `GatewayProcess`, and the benchmarks' gateway nodes, share.
+public struct LaunchedChild: Sendable {
     /// Kept so Foundation keeps monitoring the child; signals are sent by pid.
-    let process: Process
-    let watcher: ExitWatcher
+    public let process: Process
+    public let watcher: ExitWatcher
 
-    var pid: Int32 {
+    public var pid: Int32 {
         process.processIdentifier
     }
 
@@ -20,9 +20,9 @@ struct LaunchedChild: Sendable {
     ///   - workingDirectory: the child's working directory (default: this process's).
     ///   - standardOutput: the file stdout is appended to; `standardError` defaults to the same file.
     ///   - purpose: what the child is for, in the error message ("for a gateway node", "for 127.0.0.1:6379").
-    ///   - watchdog: whether the watchdog helper SIGKILLs the child if the test process dies first.
-    /// - Throws: ``TestSupportError`` if an output file cannot be opened or the process cannot be launched.
-    static func launch(
+    ///   - watchdog: whether the watchdog helper SIGKILLs the child if this process dies first.
+    /// - Throws: ``ChildProcessError`` if an output file cannot be opened or the process cannot be launched.
+    public static func launch(
         _ executable: URL,
         arguments: [String],
         environment: [String: String] = [:],
@@ -67,7 +67,7 @@ struct LaunchedChild: Sendable {
         do {
             try ChildProcess.run(process)
         } catch {
-            throw TestSupportError("could not launch \(executable.path) \(purpose): \(error)")
+            throw ChildProcessError("could not launch \(executable.path) \(purpose): \(error)")
         }
         if watchdog {
             watcher.registerWithWatchdog(pid: process.processIdentifier)
@@ -77,14 +77,14 @@ struct LaunchedChild: Sendable {
 
     /// SIGKILLs the process unless it has already exited (with SIGCONT in case it is stopped), and waits until it is
     /// gone.
-    func kill() async {
+    public func kill() async {
         sendKill()
         await watcher.wait()
     }
 
     /// For `deinit`, which cannot await: SIGKILL, then give the kernel a moment (normally well under 1 ms, at most
     /// 100 ms) so a directory is not removed while the dying process still has files open in it.
-    func killBlocking() {
+    public func killBlocking() {
         sendKill()
         var spins = 0
         while !watcher.hasExited, spins < 200 {
@@ -101,7 +101,7 @@ struct LaunchedChild: Sendable {
     }
 
     /// Blocks (at most ~100 ms) until `/proc/<pid>/stat` reports the process as stopped.
-    static func waitUntilStopped(_ pid: Int32) {
+    public static func waitUntilStopped(_ pid: Int32) {
         let path = "/proc/\(pid)/stat"
         for _ in 0..<200 {
             guard let stat = try? String(contentsOfFile: path, encoding: .utf8),
@@ -116,16 +116,16 @@ struct LaunchedChild: Sendable {
     }
 
     /// A file opened for appending (created if missing), closed on exec.
-    static func openForAppending(_ path: String) throws -> FileHandle {
+    public static func openForAppending(_ path: String) throws -> FileHandle {
         let descriptor = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
         guard descriptor >= 0 else {
-            throw TestSupportError("cannot open \(path): \(Sockets.errnoDescription())")
+            throw ChildProcessError("cannot open \(path): \(ChildProcessError.errnoDescription())")
         }
         return FileHandle(fileDescriptor: descriptor, closeOnDealloc: true)
     }
 
     /// The file's text ("" if it cannot be read).
-    static func readText(_ path: String) -> String {
+    public static func readText(_ path: String) -> String {
         guard let data = FileManager.default.contents(atPath: path) else { return "" }
         return String(decoding: data, as: UTF8.self)
     }

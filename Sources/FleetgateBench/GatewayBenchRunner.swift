@@ -1,8 +1,9 @@
+import ChildProcesses
 import ConnectionLimiter
-import Crypto
 import Foundation
 import HTTPTypes
 import HummingbirdWSClient
+import LoadGenerator
 import Logging
 import NIOCore
 import NIOPosix
@@ -11,7 +12,7 @@ import RedisClient
 import Synchronization
 
 /// What `bench gateway` measured.
-struct GatewayBenchResult: Sendable {
+public struct GatewayBenchResult: Sendable {
     /// One node driven through a number of connection cycles.
     struct Run: Sendable {
         var cycles: Int
@@ -74,7 +75,7 @@ struct GatewayBenchResult: Sendable {
     }
 
     /// Why the command must fail after printing its report, or nil.
-    var problem: String? {
+    public var problem: String? {
         var problems: [String] = []
         let failed = allRuns.reduce(0) { $0 + $1.failed }
         if failed > 0 {
@@ -94,11 +95,25 @@ struct GatewayBenchResult: Sendable {
     }
 }
 
+/// The client `bench gateway` drives both nodes with.
+public enum GatewayBenchClient: String, CaseIterable, Sendable {
+    /// One NIO channel handler per connection that writes the upgrade request as bytes and reads the 101 and the close
+    /// answer itself: the client spends little CPU, so the nodes get most of the machine.
+    case minimal
+    /// HummingbirdWSClient, as an application would connect (HTTP client codec, upgrader, async channel, tasks).
+    case hummingbird
+}
+
 /// Runs `bench gateway`: launches the two nodes, drives connection cycles through them, checks Redis, and stops the
 /// nodes on every way out (also on errors and cancellation).
-struct GatewayBenchRunner: Sendable {
-    struct Failure: Error, CustomStringConvertible {
-        var description: String
+public struct GatewayBenchRunner: Sendable {
+    /// The benchmark could not run, was interrupted, or a check failed; the message says what.
+    public struct Failure: Error, CustomStringConvertible {
+        public var description: String
+
+        public init(description: String) {
+            self.description = description
+        }
     }
 
     /// The limit every user gets on the limiter node: no cycle may ever be denied.
@@ -119,6 +134,22 @@ struct GatewayBenchRunner: Sendable {
     /// The nodes' HS256 secret.
     var secret = randomText(40)
 
+    /// A runner whose nodes run `executable serve`, the limiter node on Redis at `redisURL`.
+    public init(
+        configuration: RedisClientConfiguration, redisURL: String, connections: Int, concurrency: Int, users: Int, rounds: Int, warmup: Int,
+        client: GatewayBenchClient, executable: URL
+    ) {
+        self.configuration = configuration
+        self.redisURL = redisURL
+        self.connections = connections
+        self.concurrency = concurrency
+        self.users = users
+        self.rounds = rounds
+        self.warmup = warmup
+        self.client = client
+        self.executable = executable
+    }
+
     private var logger: Logger {
         var logger = Logger(label: "fleetgate.bench")
         logger.logLevel = .warning
@@ -126,7 +157,7 @@ struct GatewayBenchRunner: Sendable {
     }
 
     /// This process's own executable (`/proc/self/exe`, else the resolved `CommandLine.arguments[0]`).
-    static func locateExecutable() throws -> URL {
+    public static func locateExecutable() throws -> URL {
         if let path = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe") {
             return URL(fileURLWithPath: path)
         }
@@ -141,7 +172,7 @@ struct GatewayBenchRunner: Sendable {
         throw Failure(description: "cannot find this executable (\(first)) to launch the gateway nodes")
     }
 
-    func run() async throws -> GatewayBenchResult {
+    public func run() async throws -> GatewayBenchResult {
         let nodes = GatewayBenchNodes()
         do {
             let admin = RedisClient(configuration: configuration, logger: logger)
@@ -177,7 +208,9 @@ struct GatewayBenchRunner: Sendable {
         }
 
         let expiry = Date().addingTimeInterval(24 * 3600)
-        let tokens = try (0..<users).map { try Self.token(user: "bench-user-\($0)", expiry: expiry, secret: secret) }
+        let minter = await ClientTokens(secret: secret)
+        var tokens: [String] = []
+        for user in 0..<users { tokens.append(try await minter.mint(user: "bench-user-\(user)", expiry: expiry)) }
         var result = GatewayBenchResult(rounds: [], entriesLeft: 0, releaseSeconds: 0, keysWhileRunning: [], keysAfterStop: [])
         if warmup > 0 {
             status("warm-up: \(warmup) cycles per node")
@@ -304,21 +337,6 @@ struct GatewayBenchRunner: Sendable {
 
     // MARK: Helpers
 
-    /// An HS256 JWT with `sub` and `exp`, as the gateway's `--jwt-secret` verifies it.
-    static func token(user: String, expiry: Date, secret: String) throws -> String {
-        let header = try JSONSerialization.data(withJSONObject: ["alg": "HS256", "typ": "JWT"], options: [.sortedKeys])
-        let claims = try JSONSerialization.data(
-            withJSONObject: ["sub": user, "exp": Int(expiry.timeIntervalSince1970)] as [String: Any], options: [.sortedKeys])
-        let signingInput = base64url(header) + "." + base64url(claims)
-        let signature = HMAC<SHA256>.authenticationCode(for: Data(signingInput.utf8), using: SymmetricKey(data: Data(secret.utf8)))
-        return signingInput + "." + base64url(Data(signature))
-    }
-
-    static func base64url(_ data: Data) -> String {
-        data.base64EncodedString().replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_")
-            .replacingOccurrences(of: "=", with: "")
-    }
-
     /// Runs `body` in a task of its own and waits for it, so the caller's cancellation cannot cut short a clean-up
     /// that must finish (stopping child processes).
     static func uncancelled(_ body: @escaping @Sendable () async -> Void) async {
@@ -332,7 +350,8 @@ struct GatewayBenchRunner: Sendable {
 
     // MARK: Report
 
-    func report(_ result: GatewayBenchResult) -> String {
+    /// The printed report.
+    public func report(_ result: GatewayBenchResult) -> String {
         func row(_ round: String, _ node: String, _ run: GatewayBenchResult.Run) -> String {
             let measurement = run.measurement
             return pad(round, 7) + pad(node, 15) + pad(format(measurement.requestsPerSecond, 0), 10) + pad(format(measurement.p50Milliseconds, 2), 8)
@@ -641,68 +660,38 @@ final class GatewayBenchNodes: Sendable {
     }
 }
 
-/// One `fleetgate serve` child: stdout and stderr go to files in a temporary directory.
+/// One `fleetgate serve` child: stdout and stderr go to files in a temporary directory, which the process watchdog
+/// removes (and the node it SIGKILLs) should this process die without stopping it.
 final class GatewayBenchNode: Sendable {
     let name: String
     let pid: Int32
-    private let process: Process
+    private let child: LaunchedChild
     private let directory: String
     private let listening = Mutex<Int?>(nil)
-    private let exit: ExitBox
 
     /// The port from the node's listening line (0 before ``waitUntilListening(timeout:)``).
     var port: Int { listening.withLock { $0 ?? 0 } }
 
     init(executable: URL, name: String, arguments: [String]) throws {
-        var template = Array((NSTemporaryDirectory() + "/fleetgate-bench-\(name)-XXXXXX").utf8CString)
-        guard let created = mkdtemp(&template) else { throw GatewayBenchRunner.Failure(description: "cannot create a temporary directory") }
-        directory = String(cString: created)
-        let process = Process()
-        process.executableURL = executable
-        process.arguments = arguments
-        // Only the flags configure the nodes: FLEETGATE_* variables of this shell would make them differ.
-        process.environment = ProcessInfo.processInfo.environment.filter { !$0.key.hasPrefix("FLEETGATE_") }
-        process.standardInput = FileHandle.nullDevice
-        guard FileManager.default.createFile(atPath: directory + "/stdout", contents: nil),
-            FileManager.default.createFile(atPath: directory + "/stderr", contents: nil),
-            let output = FileHandle(forWritingAtPath: directory + "/stdout"),
-            let errors = FileHandle(forWritingAtPath: directory + "/stderr")
-        else {
-            try? FileManager.default.removeItem(atPath: directory)
-            throw GatewayBenchRunner.Failure(description: "cannot create the output files of the \(name) node in \(directory)")
-        }
-        process.standardOutput = output
-        process.standardError = errors
-        let exit = ExitBox()
-        process.terminationHandler = { process in
-            let status = process.terminationStatus
-            exit.status.withLock { $0 = process.terminationReason == .uncaughtSignal ? 128 + status : status }
-            exit.exited.open()
-        }
-        // posix_spawn hands this thread's signal mask to the child, and concurrency threads block signals: a node
-        // spawned with SIGTERM blocked would never drain. Spawn with an empty mask.
-        var empty = sigset_t()
-        sigemptyset(&empty)
-        var saved = sigset_t()
-        pthread_sigmask(SIG_SETMASK, &empty, &saved)
-        defer { pthread_sigmask(SIG_SETMASK, &saved, nil) }
         do {
-            try process.run()
+            directory = try ProcessWatchdog.makeTemporaryDirectory(template: try ProcessWatchdog.rootDirectory() + "/bench-\(name)-XXXXXX")
+            // Only the flags configure the nodes: FLEETGATE_* variables of this shell would make them differ.
+            let unset = ProcessInfo.processInfo.environment.keys.filter { $0.hasPrefix("FLEETGATE_") }.map { ($0, "") }
+            child = try LaunchedChild.launch(
+                executable, arguments: arguments, environment: Dictionary(uniqueKeysWithValues: unset),
+                standardOutput: directory + "/stdout", standardError: directory + "/stderr", purpose: "for the \(name) gateway node")
         } catch {
-            try? FileManager.default.removeItem(atPath: directory)
-            throw GatewayBenchRunner.Failure(description: "cannot launch \(executable.path) serve: \(error)")
+            throw GatewayBenchRunner.Failure(description: "cannot launch the \(name) gateway node: \(error)")
         }
-        try? output.close()
-        try? errors.close()
         self.name = name
-        self.process = process
-        self.exit = exit
-        pid = process.processIdentifier
+        pid = child.pid
     }
 
     /// The exit status (128 + signal if killed), nil while running.
-    var exitStatus: Int32? { exit.status.withLock { $0 } }
-    var hasExited: Bool { exitStatus != nil }
+    var exitStatus: Int32? {
+        child.watcher.termination.map { $0.signaled ? 128 + $0.status : $0.status }
+    }
+    var hasExited: Bool { child.watcher.hasExited }
 
     /// Waits for `fleetgate: listening on HOST:PORT node=NAME` on stdout.
     func waitUntilListening(timeout: Duration) async throws {
@@ -743,9 +732,8 @@ final class GatewayBenchNode: Sendable {
         defer { try? FileManager.default.removeItem(atPath: directory) }
         if hasExited { return exitStatus }
         kill(pid, SIGTERM)
-        if await exit.exited.wait(timeout: timeout) { return exitStatus }
-        kill(pid, SIGKILL)
-        await exit.exited.wait(timeout: .seconds(5))
+        if await child.watcher.wait(timeout: timeout) { return exitStatus }
+        await child.kill()
         return nil
     }
 
@@ -758,13 +746,6 @@ final class GatewayBenchNode: Sendable {
     }
 
     private static func read(_ path: String) -> String {
-        FileManager.default.contents(atPath: path).map { String(decoding: $0, as: UTF8.self) } ?? ""
+        LaunchedChild.readText(path)
     }
-}
-
-/// A child's exit status (128 + signal if a signal ended it), set by `Process.terminationHandler`, which also opens
-/// `exited`.
-private final class ExitBox: Sendable {
-    let status = Mutex<Int32?>(nil)
-    let exited = Latch()
 }

@@ -2,15 +2,15 @@ import Foundation
 import Glibc
 import Synchronization
 
-/// A backstop that makes sure no `redis-server` outlives the test process, even when that process crashes or is
-/// killed (when `deinit` and `withServer` never get a chance to run).
+/// A backstop that makes sure no child (a `redis-server`, a gateway node) outlives this process, even when it crashes
+/// or is killed (when `deinit`, `withServer` or a signal handler never get a chance to run).
 ///
-/// On first use it creates one temporary root directory for this test process and starts a tiny `/bin/sh` helper
+/// On first use it creates one temporary root directory for this process and starts a tiny `/bin/sh` helper
 /// whose stdin is one end of a socket pair. Every server pid is announced to it (`pid N`) and withdrawn once the
-/// server has exited (`unpid N`). When the test process goes away for any reason, the kernel closes our end, the
-/// helper reads EOF, SIGKILLs every pid still announced and removes the root directory. Servers started by
-/// ``SharedRedisServer`` are cleaned up this way at the end of every test run.
-enum ProcessWatchdog {
+/// server has exited (`unpid N`). When this process goes away for any reason, the kernel closes our end, the
+/// helper reads EOF, SIGKILLs every pid still announced and removes the root directory. TestSupport's shared server is
+/// cleaned up this way at the end of every test run, and a benchmark's nodes when the benchmark is killed.
+public enum ProcessWatchdog {
     private struct State {
         var rootDirectory: String?
         /// Our end of the socket pair, or -1 if the helper could not be started (the backstop is then disabled).
@@ -43,7 +43,7 @@ enum ProcessWatchdog {
         """
 
     /// The per-test-process directory under which every server directory is created (removed when the process ends).
-    static func rootDirectory() throws -> String {
+    public static func rootDirectory() throws -> String {
         try state.withLock { state in
             if let rootDirectory = state.rootDirectory {
                 return rootDirectory
@@ -58,23 +58,23 @@ enum ProcessWatchdog {
     }
 
     /// Announces a freshly started server process.
-    static func watch(pid: Int32) {
+    public static func watch(pid: Int32) {
         post("pid \(pid)\n")
     }
 
     /// Withdraws a server process that has exited and been reaped.
-    static func forget(pid: Int32) {
+    public static func forget(pid: Int32) {
         post("unpid \(pid)\n")
     }
 
     /// Creates a fresh directory from a `mkdtemp` template ending in `XXXXXX` and returns its path.
-    static func makeTemporaryDirectory(template: String) throws -> String {
+    public static func makeTemporaryDirectory(template: String) throws -> String {
         var bytes = Array(template.utf8CString)
         let path = bytes.withUnsafeMutableBufferPointer { buffer in
             mkdtemp(buffer.baseAddress!).map { String(cString: $0) }
         }
         guard let path else {
-            throw TestSupportError("mkdtemp(\(template)) failed: \(Sockets.errnoDescription())")
+            throw ChildProcessError("mkdtemp(\(template)) failed: \(ChildProcessError.errnoDescription())")
         }
         return path
     }

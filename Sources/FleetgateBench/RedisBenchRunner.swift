@@ -3,16 +3,32 @@ import Logging
 import RedisClient
 
 /// One workload's result: the client next to redis-benchmark.
-struct RedisBenchResult: Sendable {
-    var workload: BenchRedis.Workload
-    var mode: BenchRedis.Mode
+public struct RedisBenchResult: Sendable {
+    var workload: RedisBenchWorkload
+    var mode: RedisBenchMode
     var client: Measurement
     var reference: Measurement
     var ratio: Double { client.requestsPerSecond / reference.requestsPerSecond }
 }
 
+/// A `bench redis` workload.
+public enum RedisBenchWorkload: String, CaseIterable, Sendable {
+    /// `SET key value` on random keys.
+    case set
+    /// `EVALSHA` of a one-line `INCR` script on random keys.
+    case evalsha
+}
+
+/// How the client sends a workload's requests.
+public enum RedisBenchMode: String, CaseIterable, Sendable {
+    /// Independent concurrent callers; the client pipelines what they send (automatic pipelining).
+    case automatic
+    /// Batches through `pipeline()`.
+    case explicit
+}
+
 /// Runs the `bench redis` workloads.
-struct RedisBenchRunner: Sendable {
+public struct RedisBenchRunner: Sendable {
     static let script = RedisScript("return redis.call('INCR', KEYS[1])")
     static let keyspace = 100_000
 
@@ -23,9 +39,24 @@ struct RedisBenchRunner: Sendable {
     var redisBenchmarkPath: String
     /// Run the request tasks on the connection's event loop (``RedisClient/taskExecutor``) instead of the global executor.
     var onEventLoop = false
-    var modes: [BenchRedis.Mode] = [.automatic, .explicit]
+    var modes: [RedisBenchMode] = [.automatic, .explicit]
 
-    func run(_ workloads: [BenchRedis.Workload]) async throws -> [RedisBenchResult] {
+    /// A runner: `clients` × `pipeline` concurrent tasks beside `redis-benchmark -c clients -P pipeline`.
+    public init(
+        configuration: RedisClientConfiguration, clients: Int, requests: Int, pipeline: Int, redisBenchmarkPath: String, onEventLoop: Bool,
+        modes: [RedisBenchMode]
+    ) {
+        self.configuration = configuration
+        self.clients = clients
+        self.requests = requests
+        self.pipeline = pipeline
+        self.redisBenchmarkPath = redisBenchmarkPath
+        self.onEventLoop = onEventLoop
+        self.modes = modes
+    }
+
+    /// Runs each workload in each mode next to redis-benchmark.
+    public func run(_ workloads: [RedisBenchWorkload]) async throws -> [RedisBenchResult] {
         let client = RedisClient(configuration: configuration, logger: Logger(label: "fleetgate.bench"))
         return try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { try await client.run() }
@@ -52,14 +83,14 @@ struct RedisBenchRunner: Sendable {
         }
     }
 
-    static func benchmarkCommand(_ workload: BenchRedis.Workload) -> [String] {
+    static func benchmarkCommand(_ workload: RedisBenchWorkload) -> [String] {
         switch workload {
         case .set: return ["SET", "fgbench:set:__rand_int__", "xxx"]
         case .evalsha: return ["EVALSHA", script.sha1, "1", "fgbench:eval:__rand_int__"]
         }
     }
 
-    private func command(_ workload: BenchRedis.Workload, key: Int) -> RedisCommand {
+    private func command(_ workload: RedisBenchWorkload, key: Int) -> RedisCommand {
         switch workload {
         case .set: return RedisCommand("SET", "fgbench:set:\(key)", "xxx")
         case .evalsha: return RedisCommand("EVALSHA", Self.script.sha1, 1, "fgbench:eval:\(key)")
@@ -67,7 +98,7 @@ struct RedisBenchRunner: Sendable {
     }
 
     /// `clients x pipeline` tasks share `requests`; each records its latencies in its own histogram.
-    private func measure(_ client: RedisClient, _ workload: BenchRedis.Workload, mode: BenchRedis.Mode, requests: Int) async throws -> Measurement {
+    private func measure(_ client: RedisClient, _ workload: RedisBenchWorkload, mode: RedisBenchMode, requests: Int) async throws -> Measurement {
         // Automatic pipelining: clients x pipeline independent callers, one command each at a time.
         // Explicit pipelining: `clients` callers, each sending batches of `pipeline` commands, like redis-benchmark.
         let tasks = mode == .automatic ? clients * pipeline : clients
@@ -90,7 +121,8 @@ struct RedisBenchRunner: Sendable {
         try await client.unlinkKeys(matching: "fgbench:*")
     }
 
-    static func report(_ results: [RedisBenchResult], clients: Int, pipeline: Int, requests: Int) -> String {
+    /// The printed report.
+    public static func report(_ results: [RedisBenchResult], clients: Int, pipeline: Int, requests: Int) -> String {
         var lines = [
             "fleetgate bench redis: \(requests) requests; redis-benchmark -c \(clients) -P \(pipeline); client on 1 connection with",
             "  automatic = \(clients * pipeline) concurrent callers, 1 command each; explicit = \(clients) callers, pipeline() batches of \(pipeline)",
