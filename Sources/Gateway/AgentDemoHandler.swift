@@ -25,11 +25,11 @@ public struct AgentDemoHandler: GatewaySessionHandler {
                 try await session.send(text: Self.error("binary_not_supported", "send JSON text messages"))
                 continue
             }
-            guard let object = JSON.parseObject(text) else {
+            guard let object = JSON.decode(ClientMessage.self, from: text) else {
                 try await session.send(text: Self.error("invalid_json", "a message must be a JSON object with a \"type\""))
                 continue
             }
-            switch object["type"] as? String {
+            switch object.type {
             case "echo":
                 try await session.send(text: text)
             case "run":
@@ -37,14 +37,14 @@ public struct AgentDemoHandler: GatewaySessionHandler {
                 let runID = "\(session.connectionID)-\(runs)"
                 for (index, event) in Self.runEvents.enumerated() {
                     if index > 0 { try await Task.sleep(for: stepDelay) }
-                    var fields: [String: Any] = ["type": event, "run_id": runID, "seq": index + 1]
+                    var runEvent = RunEvent(type: event, runID: runID, seq: index + 1)
                     switch event {
-                    case "agent_started": fields["prompt"] = (object["prompt"] as? String) ?? ""
-                    case "tool_executing", "tool_completed": fields["tool"] = "search"
-                    case "agent_completed": fields["result"] = "done"
+                    case "agent_started": runEvent.prompt = object.prompt ?? ""
+                    case "tool_executing", "tool_completed": runEvent.tool = "search"
+                    case "agent_completed": runEvent.result = "done"
                     default: break
                     }
-                    try await session.send(text: JSON.object(fields))
+                    try await session.send(text: JSON.encode(runEvent))
                 }
             case let type?:
                 try await session.send(text: Self.error("unknown_type", "unknown message type \"\(type.prefix(64))\"; use echo or run"))
@@ -55,6 +55,39 @@ public struct AgentDemoHandler: GatewaySessionHandler {
     }
 
     static func error(_ code: String, _ message: String) -> String {
-        JSON.object(["type": "error", "error": code, "message": message])
+        JSON.encode(MessageError(error: code, message: message))
+    }
+
+    /// A client message: any JSON object; `type` and `prompt` count only when they are strings.
+    struct ClientMessage: Decodable {
+        var type: String?
+        var prompt: String?
+
+        enum CodingKeys: String, CodingKey {
+            case type, prompt
+        }
+
+        init(from decoder: any Decoder) throws {
+            let container = try decoder.container(keyedBy: CodingKeys.self)
+            type = try? container.decodeIfPresent(String.self, forKey: .type)
+            prompt = try? container.decodeIfPresent(String.self, forKey: .prompt)
+        }
+    }
+
+    /// One event of a run.
+    struct RunEvent: Encodable {
+        var type: String
+        var runID: String
+        var seq: Int
+        var prompt: String?
+        var tool: String?
+        var result: String?
+    }
+
+    /// `{"type":"error","error": code,"message": ...}`.
+    struct MessageError: Encodable {
+        var type = "error"
+        var error: String
+        var message: String
     }
 }

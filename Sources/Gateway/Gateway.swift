@@ -119,13 +119,15 @@ public final class Gateway: Service, Sendable {
     func makeRouter() -> Router<BasicRequestContext> {
         let router = Router(context: BasicRequestContext.self)
         router.get("/healthz") { _, _ in
-            Self.json(.ok, ["status": "ok"])
+            Self.json(.ok, HealthBody())
         }
         router.get("/readyz") { _, _ in
             await self.readiness()
         }
         router.get("/metrics") { _, _ in
-            guard let prometheus = self.prometheus else { return Self.json(.notFound, ["error": "not_found", "message": "metrics are not enabled"]) }
+            guard let prometheus = self.prometheus else {
+                return Self.json(.notFound, ErrorBody(error: "not_found", message: "metrics are not enabled"))
+            }
             var buffer: [UInt8] = []
             buffer.reserveCapacity(16 * 1024)
             prometheus.emit(into: &buffer)
@@ -134,7 +136,7 @@ public final class Gateway: Service, Sendable {
                 body: ResponseBody(byteBuffer: ByteBuffer(bytes: buffer)))
         }
         router.get("/ws") { _, _ in
-            Self.json(.upgradeRequired, ["error": "upgrade_required", "message": "connect with a WebSocket client (Upgrade: websocket)"])
+            Self.json(.upgradeRequired, ErrorBody(error: "upgrade_required", message: "connect with a WebSocket client (Upgrade: websocket)"))
         }
         router.get("/admin/nodes") { request, _ in
             try await self.admin(request) { limiter in
@@ -142,19 +144,16 @@ public final class Gateway: Service, Sendable {
                 let totals = try await limiter.totals()
                 return Self.json(
                     .ok,
-                    [
-                        "self": limiter.nodeID,
-                        "nodes": nodes.map { node -> [String: Any] in
-                            [
-                                "id": node.id, "name": node.name, "address": node.address, "alive": node.isAlive, "connections": node.connections,
-                                "users": node.users, "lease_remaining_ms": Self.milliseconds(node.leaseRemaining),
-                            ]
+                    NodesBody(
+                        this: limiter.nodeID,
+                        nodes: nodes.map { node in
+                            NodesBody.Node(
+                                id: node.id, name: node.name, address: node.address, alive: node.isAlive, connections: node.connections,
+                                users: node.users, leaseRemainingMs: Self.milliseconds(node.leaseRemaining))
                         },
-                        "totals": [
-                            "live_nodes": totals.liveNodes, "dead_nodes": totals.deadNodes, "connections": totals.connections,
-                            "user_node_pairs": totals.userNodePairs,
-                        ],
-                    ])
+                        totals: NodesBody.Totals(
+                            liveNodes: totals.liveNodes, deadNodes: totals.deadNodes, connections: totals.connections,
+                            userNodePairs: totals.userNodePairs)))
             }
         }
         router.get("/admin/users/:id") { request, context in
@@ -164,20 +163,17 @@ public final class Gateway: Service, Sendable {
                 do {
                     let entries = try await limiter.entries(user: user)
                     let override = try await limiter.limitOverride(user: user)
-                    var body: [String: Any] = [
-                        "user": user, "count": entries.count, "default_limit": limiter.configuration.defaultLimit,
-                        "entries": entries.map { entry -> [String: Any] in
-                            var fields: [String: Any] = [
-                                "node": entry.node, "connection": entry.connection, "lease_remaining_ms": Self.milliseconds(entry.leaseRemaining),
-                            ]
-                            if let ago = entry.admittedAgo { fields["admitted_ms_ago"] = Self.milliseconds(ago) }
-                            return fields
+                    let body = UserBody(
+                        user: user, count: entries.count, defaultLimit: limiter.configuration.defaultLimit,
+                        entries: entries.map { entry in
+                            UserBody.Entry(
+                                node: entry.node, connection: entry.connection, leaseRemainingMs: Self.milliseconds(entry.leaseRemaining),
+                                admittedMsAgo: entry.admittedAgo.map(Self.milliseconds))
                         },
-                    ]
-                    if let override { body["override"] = override }
+                        override: override)
                     return Self.json(.ok, body)
                 } catch let error as LimiterError {
-                    if error.code == .invalidUser { return Self.json(.badRequest, ["error": "invalid_user", "message": error.message]) }
+                    if error.code == .invalidUser { return Self.json(.badRequest, ErrorBody(error: "invalid_user", message: error.message)) }
                     throw error
                 }
             }
@@ -188,7 +184,7 @@ public final class Gateway: Service, Sendable {
     private func readiness() async -> Response {
         let draining = core.isDraining
         guard let limiter = core.limiter else {
-            return Self.json(draining ? .serviceUnavailable : .ok, ["ready": !draining, "draining": draining, "limiter": "off"])
+            return Self.json(draining ? .serviceUnavailable : .ok, ReadinessBody(ready: !draining, draining: draining, limiter: "off"))
         }
         let registered = limiter.isRegistered
         var redisStatus = "ok"
@@ -202,15 +198,14 @@ public final class Gateway: Service, Sendable {
         let ready = registered && redisStatus == "ok" && !draining
         return Self.json(
             ready ? .ok : .serviceUnavailable,
-            [
-                "ready": ready, "registered": registered, "redis": redisStatus, "draining": draining, "node": limiter.nodeID,
-                "live_nodes": limiter.liveNodeCount,
-            ])
+            ReadinessBody(
+                ready: ready, draining: draining, registered: registered, redis: redisStatus, node: limiter.nodeID,
+                liveNodes: limiter.liveNodeCount))
     }
 
     private func admin(_ request: Request, _ body: (ConnectionLimiter) async throws -> Response) async throws -> Response {
         guard let adminToken = configuration.adminToken else {
-            return Self.json(.notFound, ["error": "not_found", "message": "the admin API is off (no --admin-token)"])
+            return Self.json(.notFound, ErrorBody(error: "not_found", message: "the admin API is off (no --admin-token)"))
         }
         let presented = request.headers[.authorization].flatMap { value -> String? in
             let parts = value.split(separator: " ", maxSplits: 1)
@@ -218,16 +213,16 @@ public final class Gateway: Service, Sendable {
         }
         guard let presented, Self.constantTimeEqual(presented, adminToken) else {
             return Self.json(
-                .unauthorized, ["error": "unauthorized", "message": presented == nil ? "admin token missing" : "admin token wrong"],
+                .unauthorized, ErrorBody(error: "unauthorized", message: presented == nil ? "admin token missing" : "admin token wrong"),
                 headers: [.wwwAuthenticate: "Bearer realm=\"fleetgate-admin\""])
         }
         guard let limiter = core.limiter else {
-            return Self.json(.serviceUnavailable, ["error": "limiter_off", "message": "this node runs without the limiter"])
+            return Self.json(.serviceUnavailable, ErrorBody(error: "limiter_off", message: "this node runs without the limiter"))
         }
         do {
             return try await body(limiter)
         } catch {
-            return Self.json(.serviceUnavailable, ["error": "redis_error", "message": "\(error)"])
+            return Self.json(.serviceUnavailable, ErrorBody(error: "redis_error", message: "\(error)"))
         }
     }
 
@@ -245,9 +240,9 @@ public final class Gateway: Service, Sendable {
         Int(duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000)
     }
 
-    static func json(_ status: HTTPResponse.Status, _ fields: [String: Any], headers: HTTPFields = [:]) -> Response {
+    static func json(_ status: HTTPResponse.Status, _ body: some Encodable, headers: HTTPFields = [:]) -> Response {
         var headers = headers
         headers[.contentType] = "application/json; charset=utf-8"
-        return Response(status: status, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(string: JSON.object(fields) + "\n")))
+        return Response(status: status, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(string: JSON.encode(body) + "\n")))
     }
 }

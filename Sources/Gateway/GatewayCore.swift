@@ -69,14 +69,14 @@ final class GatewayCore: Sendable {
         return .refuse(
             Refusal(
                 status: .serviceUnavailable, headers: [.retryAfter: "1"],
-                body: JSON.object(["error": "shutting_down", "message": "this node is shutting down; connect to another node"])))
+                body: JSON.encode(ErrorBody(error: "shutting_down", message: "this node is shutting down; connect to another node"))))
     }
 
     /// Decides an upgrade request: path, token, node cap, then the limiter.
     func decide(head: HTTPRequestHead, channel: any Channel) async -> UpgradeDecision {
         let (path, query) = Self.split(head.uri)
         guard path == "/ws" else {
-            return .refuse(Refusal(status: .notFound, body: JSON.object(["error": "not_found", "message": "WebSockets are served at /ws"])))
+            return .refuse(Refusal(status: .notFound, body: JSON.encode(ErrorBody(error: "not_found", message: "WebSockets are served at /ws"))))
         }
         if isDraining { return shuttingDown() }
         let identity: GatewayIdentity
@@ -88,7 +88,7 @@ final class GatewayCore: Sendable {
             return .refuse(
                 Refusal(
                     status: .unauthorized, headers: [.wwwAuthenticate: "Bearer error=\"invalid_token\""],
-                    body: JSON.object(["error": "unauthorized", "check": "\(error.check)", "message": error.message])))
+                    body: JSON.encode(ErrorBody(error: "unauthorized", message: error.message, check: "\(error.check)"))))
         }
 
         let id = ConnectionLimiter.makeConnectionID()
@@ -107,9 +107,8 @@ final class GatewayCore: Sendable {
             return .refuse(
                 Refusal(
                     status: .serviceUnavailable, headers: [.retryAfter: "1"],
-                    body: JSON.object([
-                        "error": "node_full", "message": "this node holds its maximum of \(configuration.maxConnections) connections",
-                    ])))
+                    body: JSON.encode(
+                        ErrorBody(error: "node_full", message: "this node holds its maximum of \(configuration.maxConnections) connections"))))
         }
         // Whatever happens from here, the connection's end removes its entry and releases its admission.
         channel.closeFuture.whenComplete { _ in self.connectionClosed(id) }
@@ -135,7 +134,7 @@ final class GatewayCore: Sendable {
             if !stillOpen {
                 // The client left while we were admitting it.
                 Task { await limiter.release(connection: id) }
-                return .refuse(Refusal(status: .badRequest, body: JSON.object(["error": "closed"])))
+                return .refuse(Refusal(status: .badRequest, body: JSON.encode(ErrorBody(error: "closed"))))
             }
             metrics.upgrades(.accepted)
             return .accept(AdmittedConnection(id: id, user: identity.user))
@@ -154,10 +153,10 @@ final class GatewayCore: Sendable {
                     Refusal(
                         status: .tooManyRequests,
                         headers: [.retryAfter: String(max(1, (milliseconds + 999) / 1000))],
-                        body: JSON.object([
-                            "error": "connection_limit_exceeded", "user": identity.user, "limit": denial.limit, "current": denial.count,
-                            "retry_after_ms": milliseconds, "message": denial.description,
-                        ])))
+                        body: JSON.encode(
+                            DenialBody(
+                                user: identity.user, limit: denial.limit, current: denial.count, retryAfterMs: milliseconds,
+                                message: denial.description))))
             }
         }
     }
@@ -167,7 +166,7 @@ final class GatewayCore: Sendable {
             metrics.upgrades(.unavailable)
             logger.error("admission failed", metadata: ["fleetgate.user": "\(user)", "fleetgate.error": "\(error)"])
             return .refuse(
-                Refusal(status: .internalServerError, body: JSON.object(["error": "internal_error", "message": "admission failed"])))
+                Refusal(status: .internalServerError, body: JSON.encode(ErrorBody(error: "internal_error", message: "admission failed"))))
         }
         switch error.code {
         case .invalidUser:
@@ -175,7 +174,7 @@ final class GatewayCore: Sendable {
             return .refuse(
                 Refusal(
                     status: .unauthorized, headers: [.wwwAuthenticate: "Bearer error=\"invalid_token\""],
-                    body: JSON.object(["error": "unauthorized", "check": "subject", "message": error.message])))
+                    body: JSON.encode(ErrorBody(error: "unauthorized", message: error.message, check: "subject"))))
         case .redisUnavailable:
             metrics.upgrades(.unavailable)
             logger.warning("admission refused: Redis unavailable", metadata: ["fleetgate.user": "\(user)"])
@@ -186,7 +185,7 @@ final class GatewayCore: Sendable {
                 return .refuse(
                     Refusal(
                         status: .serviceUnavailable, headers: [.retryAfter: "1"],
-                        body: JSON.object(["error": "redis_unavailable", "message": error.message])))
+                        body: JSON.encode(ErrorBody(error: "redis_unavailable", message: error.message))))
             }
         default:
             metrics.upgrades(.unavailable)
@@ -194,7 +193,7 @@ final class GatewayCore: Sendable {
             return .refuse(
                 Refusal(
                     status: .serviceUnavailable, headers: [.retryAfter: "1"],
-                    body: JSON.object(["error": "admission_failed", "message": error.message])))
+                    body: JSON.encode(ErrorBody(error: "admission_failed", message: error.message))))
         }
     }
 

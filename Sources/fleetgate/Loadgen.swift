@@ -20,9 +20,9 @@ struct Loadgen: AsyncParsableCommand {
     @Option(name: .customLong("url"), help: "A gateway: ws://host:port/ws, host:port or a port. Repeat for several.") var urls: [String] = []
     @Option(help: "Users.") var users = 10
     @Option(help: "Connection attempts per user.") var attempts = 5
-    @Option(help: "How long admitted connections are held (ms, s or m).") var hold = "10s"
+    @Option(help: "How long admitted connections are held (ms, s, m or h).") var hold = DurationArgument(.seconds(10))
     @Option(help: "Attempts in flight at once.") var concurrency = 256
-    @Option(help: "round-robin or random over the gateways.") var spread = "round-robin"
+    @Option(help: "How attempts go over the gateways.") var spread = LoadGeneratorConfiguration.Spread.roundRobin
     @Flag(help: "Run the agent flow on each admitted connection.") var agentFlow = false
     @Flag(help: "Reopen connections the server closes, with jittered backoff, until the hold ends.") var reconnect = false
     @Option(help: "The fleet's HS256 secret. [env: FLEETGATE_JWT_SECRET]") var secret: String?
@@ -34,8 +34,6 @@ struct Loadgen: AsyncParsableCommand {
     func validate() throws {
         guard users >= 1, attempts >= 1 else { throw ValidationError("--users and --attempts must be at least 1") }
         guard concurrency >= 1 else { throw ValidationError("--concurrency must be at least 1") }
-        guard LoadGeneratorConfiguration.Spread(rawValue: spread) != nil else { throw ValidationError("--spread is round-robin or random") }
-        guard ServeSettings.parseDuration(hold) != nil else { throw ValidationError("invalid --hold \"\(hold)\": use ms, s or m, e.g. 30s") }
         for url in urls where LoadGeneratorConfiguration.Target(url) == nil {
             throw ValidationError("invalid --url \"\(url)\": use ws://host:port/ws, host:port or a port")
         }
@@ -49,9 +47,9 @@ struct Loadgen: AsyncParsableCommand {
         var configuration = LoadGeneratorConfiguration(targets: urls.compactMap(LoadGeneratorConfiguration.Target.init), secret: secret)
         configuration.users = users
         configuration.attemptsPerUser = attempts
-        configuration.hold = ServeSettings.parseDuration(hold) ?? .seconds(10)
+        configuration.hold = hold.duration
         configuration.concurrency = concurrency
-        configuration.spread = LoadGeneratorConfiguration.Spread(rawValue: spread) ?? .roundRobin
+        configuration.spread = spread
         configuration.agentFlow = agentFlow
         configuration.reconnect = reconnect
         configuration.userPrefix = userPrefix

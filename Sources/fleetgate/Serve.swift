@@ -33,53 +33,55 @@ struct Serve: AsyncParsableCommand {
     // Identity
     @Option(help: "HS256 secret for client tokens, at least 32 bytes. [env: FLEETGATE_JWT_SECRET]") var jwtSecret: String?
     @Option(help: "PEM file with the RS256 or ES256 public key for client tokens. [env: FLEETGATE_JWT_PUBLIC_KEY]") var jwtPublicKey: String?
-    @Option(help: "Clock leeway for exp/nbf. [env: FLEETGATE_JWT_LEEWAY] (default: 30s)") var jwtLeeway: String?
+    @Option(help: "Clock leeway for exp/nbf. [env: FLEETGATE_JWT_LEEWAY] (default: 30s)") var jwtLeeway: DurationArgument?
 
     // Limits and policies
     @Option(help: "Connections per user unless a token claim or a Redis override says otherwise. [env: FLEETGATE_DEFAULT_LIMIT] (default: 20)")
     var defaultLimit: Int?
     @Option(help: "How a denial is answered: http (429 + JSON) or close (accept, then close 4429). [env: FLEETGATE_DENY_MODE] (default: http)")
-    var denyMode: String?
+    var denyMode: GatewayConfiguration.DenyMode?
     @Option(
         help: "At the limit: reject-new, or evict-oldest (the oldest connection is closed with 4409). [env: FLEETGATE_OVERFLOW] (default: reject-new)"
     )
-    var overflow: String?
+    var overflow: LimiterConfiguration.OverflowPolicy?
     @Option(help: "Redis unreachable: local (count per node) or reject (503 / 1013). [env: FLEETGATE_ON_REDIS_DOWN] (default: local)")
-    var onRedisDown: String?
+    var onRedisDown: LimiterConfiguration.RedisDownPolicy?
     @Option(help: "Node lease lost: keep (re-register, re-admit) or close (close all with 1012). [env: FLEETGATE_ON_LEASE_LOSS] (default: keep)")
-    var onLeaseLoss: String?
-    @Option(help: "Never deny; count what would have been denied (on/off). [env: FLEETGATE_DRY_RUN] (default: off)") var dryRun: String?
-    @Option(help: "on, or off to admit everyone without Redis (only for benchmarks). [env: FLEETGATE_LIMITER] (default: on)") var limiter: String?
+    var onLeaseLoss: LimiterConfiguration.LeaseLossPolicy?
+    @Option(help: "Never deny; count what would have been denied (on/off). [env: FLEETGATE_DRY_RUN] (default: off)") var dryRun: Switch?
+    @Option(help: "on, or off to admit everyone without Redis (only for benchmarks). [env: FLEETGATE_LIMITER] (default: on)") var limiter: Switch?
 
     // Timings
-    @Option(help: "Node heartbeat interval. [env: FLEETGATE_HEARTBEAT_INTERVAL] (default: 1s)") var heartbeatInterval: String?
-    @Option(help: "Node TTL: a node silent this long is dead and swept. [env: FLEETGATE_NODE_TTL] (default: 5s)") var nodeTTL: String?
-    @Option(help: "Connection lease TTL in Redis. [env: FLEETGATE_LEASE_TTL] (default: 30s)") var leaseTTL: String?
-    @Option(help: "Connection lease renewal interval. [env: FLEETGATE_LEASE_RENEW_INTERVAL] (default: 10s)") var leaseRenewInterval: String?
+    @Option(help: "Node heartbeat interval. [env: FLEETGATE_HEARTBEAT_INTERVAL] (default: 1s)") var heartbeatInterval: DurationArgument?
+    @Option(help: "Node TTL: a node silent this long is dead and swept. [env: FLEETGATE_NODE_TTL] (default: 5s)") var nodeTTL: DurationArgument?
+    @Option(help: "Connection lease TTL in Redis. [env: FLEETGATE_LEASE_TTL] (default: 30s)") var leaseTTL: DurationArgument?
+    @Option(help: "Connection lease renewal interval. [env: FLEETGATE_LEASE_RENEW_INTERVAL] (default: 10s)") var leaseRenewInterval: DurationArgument?
     @Option(
         help:
             "How long a denial waits for other nodes to verify zombies and probe silent clients; longer than --probe-timeout. [env: FLEETGATE_VERIFY_TIMEOUT] (default: 1s)"
     )
-    var verifyTimeout: String?
-    @Option(help: "Probe the user's silent connections when a denial cleans up (on/off). [env: FLEETGATE_PROBE] (default: on)") var probe: String?
+    var verifyTimeout: DurationArgument?
+    @Option(help: "Probe the user's silent connections when a denial cleans up (on/off). [env: FLEETGATE_PROBE] (default: on)") var probe: Switch?
     @Option(help: "How long a probed client has to answer the probe's ping (else: close 4410). [env: FLEETGATE_PROBE_TIMEOUT] (default: 500ms)")
-    var probeTimeout: String?
-    @Option(help: "A client that sent a frame this recently is not probed. [env: FLEETGATE_PROBE_IDLE] (default: 1s)") var probeIdle: String?
+    var probeTimeout: DurationArgument?
+    @Option(help: "A client that sent a frame this recently is not probed. [env: FLEETGATE_PROBE_IDLE] (default: 1s)") var probeIdle:
+        DurationArgument?
 
     // Sessions
-    @Option(help: "Server ping interval. [env: FLEETGATE_PING_INTERVAL] (default: 15s)") var pingInterval: String?
+    @Option(help: "Server ping interval. [env: FLEETGATE_PING_INTERVAL] (default: 15s)") var pingInterval: DurationArgument?
     @Option(help: "Unanswered pings before a client is closed and released. [env: FLEETGATE_MISSED_PONGS] (default: 2)") var missedPongs: Int?
     @Option(help: "Largest WebSocket frame in bytes (larger: close 1009). [env: FLEETGATE_MAX_FRAME_SIZE] (default: 65536)") var maxFrameSize: Int?
     @Option(help: "Largest message in bytes, all frames. [env: FLEETGATE_MAX_MESSAGE_SIZE] (default: 1048576)") var maxMessageSize: Int?
-    @Option(help: "Time from connecting to a completed upgrade. [env: FLEETGATE_HANDSHAKE_TIMEOUT] (default: 10s)") var handshakeTimeout: String?
+    @Option(help: "Time from connecting to a completed upgrade. [env: FLEETGATE_HANDSHAKE_TIMEOUT] (default: 10s)") var handshakeTimeout:
+        DurationArgument?
     @Option(help: "Most WebSocket connections on this node (more: 503). [env: FLEETGATE_MAX_CONNECTIONS] (default: 10000)") var maxConnections: Int?
-    @Option(help: "Deadline for a graceful shutdown. [env: FLEETGATE_DRAIN_TIMEOUT] (default: 10s)") var drainTimeout: String?
-    @Option(help: "Run events' pause for the demo handler. [env: FLEETGATE_AGENT_STEP] (default: 50ms)") var agentStep: String?
+    @Option(help: "Deadline for a graceful shutdown. [env: FLEETGATE_DRAIN_TIMEOUT] (default: 10s)") var drainTimeout: DurationArgument?
+    @Option(help: "Run events' pause for the demo handler. [env: FLEETGATE_AGENT_STEP] (default: 50ms)") var agentStep: DurationArgument?
 
     // Operations
     @Option(help: "Bearer token for /admin (at least 16 characters); without one /admin answers 404. [env: FLEETGATE_ADMIN_TOKEN]")
     var adminToken: String?
-    @Option(help: "trace, debug, info, notice, warning, error or critical. [env: FLEETGATE_LOG_LEVEL] (default: info)") var logLevel: String?
+    @Option(help: "trace, debug, info, notice, warning, error or critical. [env: FLEETGATE_LOG_LEVEL] (default: info)") var logLevel: Logger.Level?
 
     func run() async throws {
         let settings = try ServeSettings(self, environment: ProcessInfo.processInfo.environment)
@@ -104,36 +106,17 @@ struct ServeSettings {
     var agentStep: Duration = .milliseconds(50)
 
     init(_ serve: Serve, environment: [String: String]) throws {
-        func pick<T>(_ flag: T?, _ variable: String, _ parse: (String) -> T?) throws -> T? {
+        /// The flag if given, else the environment variable parsed as the flag would be, else nil (the default).
+        func pick<T: ExpressibleByArgument>(_ flag: T?, _ variable: String) throws -> T? {
             if let flag { return flag }
             guard let raw = environment[variable], !raw.isEmpty else { return nil }
-            guard let value = parse(raw) else { throw ServeError("invalid \(variable)=\"\(raw)\"") }
+            guard let value = T(argument: raw) else { throw ServeError("invalid \(variable)=\"\(raw)\": use \(Self.expectation(T.self))") }
             return value
         }
-        func text(_ flag: String?, _ variable: String) throws -> String? { try pick(flag, variable) { $0 } }
-        func int(_ flag: Int?, _ variable: String) throws -> Int? { try pick(flag, variable) { Int($0) } }
-        func duration(_ flag: String?, _ variable: String, _ name: String) throws -> Duration? {
-            guard let raw = try text(flag, variable) else { return nil }
-            guard let value = Self.parseDuration(raw) else {
-                throw ServeError("invalid --\(name) \"\(raw)\": use a number with ms, s or m, e.g. 250ms, 15s")
-            }
-            return value
-        }
-        func choice<E: RawRepresentable>(_ flag: String?, _ variable: String, _ name: String, _ values: [String: E]) throws -> E? {
-            guard let raw = try text(flag, variable) else { return nil }
-            guard let value = values[raw] else {
-                throw ServeError("invalid --\(name) \"\(raw)\": use one of \(values.keys.sorted().joined(separator: ", "))")
-            }
-            return value
-        }
-        func onOff(_ flag: String?, _ variable: String, _ name: String) throws -> Bool? {
-            guard let raw = try text(flag, variable) else { return nil }
-            switch raw.lowercased() {
-            case "on", "true", "yes", "1": return true
-            case "off", "false", "no", "0": return false
-            default: throw ServeError("invalid --\(name) \"\(raw)\": use on or off")
-            }
-        }
+        func duration(_ flag: DurationArgument?, _ variable: String) throws -> Duration? { try pick(flag, variable)?.duration }
+        func onOff(_ flag: Switch?, _ variable: String) throws -> Bool? { try pick(flag, variable)?.isOn }
+        let text: (String?, String) throws -> String? = pick
+        let int: (Int?, String) throws -> Int? = pick
 
         limiter = LimiterConfiguration(nodeName: try text(serve.nodeName, "FLEETGATE_NODE_NAME") ?? LimiterConfiguration.hostName())
         if let value = try text(serve.host, "FLEETGATE_HOST") { gateway.host = value }
@@ -157,59 +140,47 @@ struct ServeSettings {
             guard let pem = try? String(contentsOfFile: path, encoding: .utf8) else { throw ServeError("cannot read the public key file \(path)") }
             tokenKey = Self.isRSA(pem) ? .rs256(publicKeyPEM: pem) : .es256(publicKeyPEM: pem)
         }
-        if let value = try duration(serve.jwtLeeway, "FLEETGATE_JWT_LEEWAY", "jwt-leeway") { leeway = value }
+        if let value = try duration(serve.jwtLeeway, "FLEETGATE_JWT_LEEWAY") { leeway = value }
 
         if let value = try int(serve.defaultLimit, "FLEETGATE_DEFAULT_LIMIT") { limiter.defaultLimit = value }
-        if let value = try choice(serve.denyMode, "FLEETGATE_DENY_MODE", "deny-mode", ["http": GatewayConfiguration.DenyMode.http, "close": .close]) {
+        if let value = try pick(serve.denyMode, "FLEETGATE_DENY_MODE") {
             gateway.denyMode = value
         }
-        if let value = try choice(
-            serve.overflow, "FLEETGATE_OVERFLOW", "overflow",
-            ["reject-new": LimiterConfiguration.OverflowPolicy.rejectNew, "evict-oldest": .evictOldest])
-        {
+        if let value = try pick(serve.overflow, "FLEETGATE_OVERFLOW") {
             limiter.policies.overflow = value
         }
-        if let value = try choice(
-            serve.onRedisDown, "FLEETGATE_ON_REDIS_DOWN", "on-redis-down", ["local": LimiterConfiguration.RedisDownPolicy.local, "reject": .reject])
-        {
+        if let value = try pick(serve.onRedisDown, "FLEETGATE_ON_REDIS_DOWN") {
             limiter.policies.onRedisDown = value
         }
-        if let value = try choice(
-            serve.onLeaseLoss, "FLEETGATE_ON_LEASE_LOSS", "on-lease-loss", ["keep": LimiterConfiguration.LeaseLossPolicy.keep, "close": .close])
-        {
+        if let value = try pick(serve.onLeaseLoss, "FLEETGATE_ON_LEASE_LOSS") {
             limiter.policies.onLeaseLoss = value
         }
-        if let value = try onOff(serve.dryRun, "FLEETGATE_DRY_RUN", "dry-run") { limiter.policies.dryRun = value }
-        if let value = try onOff(serve.limiter, "FLEETGATE_LIMITER", "limiter") { gateway.limiterEnabled = value }
+        if let value = try onOff(serve.dryRun, "FLEETGATE_DRY_RUN") { limiter.policies.dryRun = value }
+        if let value = try onOff(serve.limiter, "FLEETGATE_LIMITER") { gateway.limiterEnabled = value }
 
-        if let value = try duration(serve.heartbeatInterval, "FLEETGATE_HEARTBEAT_INTERVAL", "heartbeat-interval") {
+        if let value = try duration(serve.heartbeatInterval, "FLEETGATE_HEARTBEAT_INTERVAL") {
             limiter.heartbeat.interval = value
         }
-        if let value = try duration(serve.nodeTTL, "FLEETGATE_NODE_TTL", "node-ttl") { limiter.heartbeat.nodeTTL = value }
-        if let value = try duration(serve.leaseTTL, "FLEETGATE_LEASE_TTL", "lease-ttl") { limiter.lease.ttl = value }
-        if let value = try duration(serve.leaseRenewInterval, "FLEETGATE_LEASE_RENEW_INTERVAL", "lease-renew-interval") {
+        if let value = try duration(serve.nodeTTL, "FLEETGATE_NODE_TTL") { limiter.heartbeat.nodeTTL = value }
+        if let value = try duration(serve.leaseTTL, "FLEETGATE_LEASE_TTL") { limiter.lease.ttl = value }
+        if let value = try duration(serve.leaseRenewInterval, "FLEETGATE_LEASE_RENEW_INTERVAL") {
             limiter.lease.renewInterval = value
         }
-        if let value = try duration(serve.verifyTimeout, "FLEETGATE_VERIFY_TIMEOUT", "verify-timeout") { limiter.verifyTimeout = value }
-        if let value = try onOff(serve.probe, "FLEETGATE_PROBE", "probe") { gateway.probeEnabled = value }
-        if let value = try duration(serve.probeTimeout, "FLEETGATE_PROBE_TIMEOUT", "probe-timeout") { limiter.probe.timeout = value }
-        if let value = try duration(serve.probeIdle, "FLEETGATE_PROBE_IDLE", "probe-idle") { gateway.probeIdle = value }
+        if let value = try duration(serve.verifyTimeout, "FLEETGATE_VERIFY_TIMEOUT") { limiter.verifyTimeout = value }
+        if let value = try onOff(serve.probe, "FLEETGATE_PROBE") { gateway.probeEnabled = value }
+        if let value = try duration(serve.probeTimeout, "FLEETGATE_PROBE_TIMEOUT") { limiter.probe.timeout = value }
+        if let value = try duration(serve.probeIdle, "FLEETGATE_PROBE_IDLE") { gateway.probeIdle = value }
 
-        if let value = try duration(serve.pingInterval, "FLEETGATE_PING_INTERVAL", "ping-interval") { gateway.pingInterval = value }
+        if let value = try duration(serve.pingInterval, "FLEETGATE_PING_INTERVAL") { gateway.pingInterval = value }
         if let value = try int(serve.missedPongs, "FLEETGATE_MISSED_PONGS") { gateway.missedPongLimit = value }
         if let value = try int(serve.maxFrameSize, "FLEETGATE_MAX_FRAME_SIZE") { gateway.maxFrameSize = value }
         if let value = try int(serve.maxMessageSize, "FLEETGATE_MAX_MESSAGE_SIZE") { gateway.maxMessageSize = value }
-        if let value = try duration(serve.handshakeTimeout, "FLEETGATE_HANDSHAKE_TIMEOUT", "handshake-timeout") { gateway.handshakeTimeout = value }
+        if let value = try duration(serve.handshakeTimeout, "FLEETGATE_HANDSHAKE_TIMEOUT") { gateway.handshakeTimeout = value }
         if let value = try int(serve.maxConnections, "FLEETGATE_MAX_CONNECTIONS") { gateway.maxConnections = value }
-        if let value = try duration(serve.drainTimeout, "FLEETGATE_DRAIN_TIMEOUT", "drain-timeout") { gateway.drainTimeout = value }
-        if let value = try duration(serve.agentStep, "FLEETGATE_AGENT_STEP", "agent-step") { agentStep = value }
+        if let value = try duration(serve.drainTimeout, "FLEETGATE_DRAIN_TIMEOUT") { gateway.drainTimeout = value }
+        if let value = try duration(serve.agentStep, "FLEETGATE_AGENT_STEP") { agentStep = value }
         gateway.adminToken = try text(serve.adminToken, "FLEETGATE_ADMIN_TOKEN").flatMap { $0.isEmpty ? nil : $0 }
-        if let raw = try text(serve.logLevel, "FLEETGATE_LOG_LEVEL") {
-            guard let level = Logger.Level(rawValue: raw) else {
-                throw ServeError("invalid --log-level \"\(raw)\": use trace, debug, info, notice, warning, error or critical")
-            }
-            logLevel = level
-        }
+        if let value = try pick(serve.logLevel, "FLEETGATE_LOG_LEVEL") { logLevel = value }
 
         do {
             try gateway.validate()
@@ -233,15 +204,11 @@ struct ServeSettings {
         }
     }
 
-    /// Parses `250ms`, `15s`, `2m` (a bare number is seconds).
-    static func parseDuration(_ text: String) -> Duration? {
-        let units: [(String, Double)] = [("ms", 0.001), ("s", 1), ("m", 60)]
-        for (suffix, scale) in units where text.hasSuffix(suffix) {
-            guard let number = Double(text.dropLast(suffix.count)), number >= 0, number.isFinite else { return nil }
-            return .milliseconds(Int64((number * scale * 1000).rounded()))
-        }
-        guard let number = Double(text), number >= 0, number.isFinite else { return nil }
-        return .milliseconds(Int64((number * 1000).rounded()))
+    /// What a valid value of `type` looks like, for the error about an environment variable.
+    static func expectation<T: ExpressibleByArgument>(_ type: T.Type) -> String {
+        if type == DurationArgument.self { return "a number with ms, s or m, e.g. 250ms, 15s" }
+        if type == Int.self { return "a whole number" }
+        return T.allValueStrings.isEmpty ? "a valid value" : "one of " + T.allValueStrings.joined(separator: ", ")
     }
 
     static func isRSA(_ pem: String) -> Bool {

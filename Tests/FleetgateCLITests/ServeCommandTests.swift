@@ -87,8 +87,6 @@ struct ServeCommandTests {
             (["--jwt-secret", "short"], "at least 32 bytes"),
             (["--jwt-secret", "a-serve-test-secret-of-32-bytes-or-more", "--jwt-public-key", "/x.pem"], "exclude each other"),
             (["--jwt-public-key", "/nonexistent/key.pem"], "cannot read the public key file"),
-            (["--jwt-secret", "a-serve-test-secret-of-32-bytes-or-more", "--deny-mode", "silent"], "--deny-mode"),
-            (["--jwt-secret", "a-serve-test-secret-of-32-bytes-or-more", "--ping-interval", "soon"], "--ping-interval"),
             (["--jwt-secret", "a-serve-test-secret-of-32-bytes-or-more", "--port", "70000"], "port 70000"),
             (["--jwt-secret", "a-serve-test-secret-of-32-bytes-or-more", "--redis", "http://x"], "Redis URL"),
             (["--jwt-secret", "a-serve-test-secret-of-32-bytes-or-more", "--node-ttl", "1s"], "nodeTTL"),
@@ -104,14 +102,60 @@ struct ServeCommandTests {
         }
     }
 
-    @Test("durations: ms, s, m and bare seconds")
-    func durations() {
-        #expect(ServeSettings.parseDuration("250ms") == .milliseconds(250))
-        #expect(ServeSettings.parseDuration("1.5s") == .milliseconds(1500))
-        #expect(ServeSettings.parseDuration("2m") == .seconds(120))
-        #expect(ServeSettings.parseDuration("3") == .seconds(3))
-        #expect(ServeSettings.parseDuration("-1s") == nil)
-        #expect(ServeSettings.parseDuration("fast") == nil)
+    @Test(
+        "a flag with a value of the wrong kind is refused by the parser, naming the flag and what it takes",
+        arguments: [
+            (["--deny-mode", "silent"], ["--deny-mode", "http", "close"]),
+            (["--overflow", "rejectNew"], ["--overflow", "reject-new", "evict-oldest"]),
+            (["--on-redis-down", "maybe"], ["--on-redis-down", "local", "reject"]),
+            (["--log-level", "loud"], ["--log-level", "critical"]),
+            (["--ping-interval", "soon"], ["--ping-interval"]),
+            (["--probe", "sometimes"], ["--probe", "on", "off"]),
+            (["--port", "eighty"], ["--port"]),
+        ])
+    func parserRefuses(arguments: [String], mentions: [String]) {
+        do {
+            _ = try Fleetgate.parseAsRoot(["serve", "--jwt-secret", secret] + arguments)
+            Issue.record("parsed \(arguments)")
+        } catch {
+            let message = Fleetgate.message(for: error)
+            for phrase in mentions { #expect(message.contains(phrase), "\(message)") }
+        }
+    }
+
+    @Test(
+        "an environment variable with a bad value is refused in one line naming it and what it takes",
+        arguments: [
+            ("FLEETGATE_DENY_MODE", "silent", "one of http, close"),
+            ("FLEETGATE_OVERFLOW", "rejectNew", "one of reject-new, evict-oldest"),
+            ("FLEETGATE_PING_INTERVAL", "soon", "250ms"),
+            ("FLEETGATE_PROBE", "sometimes", "one of on, off"),
+            ("FLEETGATE_PORT", "eighty", "a whole number"),
+            ("FLEETGATE_LOG_LEVEL", "loud", "critical"),
+        ])
+    func environmentRefuses(variable: String, value: String, mentions: String) throws {
+        do {
+            _ = try settings(["--jwt-secret", secret], environment: [variable: value])
+            Issue.record("accepted \(variable)=\(value)")
+        } catch let error as ServeError {
+            #expect(error.description.contains("\(variable)=\"\(value)\""), "\(error)")
+            #expect(error.description.contains(mentions), "\(error)")
+            #expect(!error.description.contains("\n"))
+        }
+    }
+
+    @Test("durations: ms, s, m, h and bare seconds; the same parser for flags and environment variables")
+    func durations() throws {
+        #expect(DurationArgument(argument: "250ms")?.duration == .milliseconds(250))
+        #expect(DurationArgument(argument: "1.5s")?.duration == .milliseconds(1500))
+        #expect(DurationArgument(argument: "2m")?.duration == .seconds(120))
+        #expect(DurationArgument(argument: "1h")?.duration == .seconds(3600))
+        #expect(DurationArgument(argument: "3")?.duration == .seconds(3))
+        #expect(DurationArgument(argument: "-1s") == nil)
+        #expect(DurationArgument(argument: "fast") == nil)
+        #expect(DurationArgument(argument: "infs") == nil)
+        #expect(try settings(["--jwt-secret", secret, "--drain-timeout", "1.5s"]).gateway.drainTimeout == .milliseconds(1500))
+        #expect(try settings(["--jwt-secret", secret], environment: ["FLEETGATE_DRAIN_TIMEOUT": "1.5s"]).gateway.drainTimeout == .milliseconds(1500))
     }
 
     @Test("the binary: --help documents every option with its variable; a bad flag or no key stops with one line")

@@ -11,7 +11,7 @@ struct Token: AsyncParsableCommand {
 
     @Option(help: "The HS256 secret the nodes use, at least 32 bytes. [env: FLEETGATE_JWT_SECRET]") var secret: String?
     @Option(help: "The user (the token's sub).") var user: String
-    @Option(help: "Lifetime, e.g. 30m, 1h (ms, s or m). (default: 60m)") var ttl: String = "60m"
+    @Option(help: "Lifetime, e.g. 30m, 1h (ms, s, m or h).") var ttl = DurationArgument(.seconds(3600))
     @Option(help: "A conn_limit claim: this user's limit for the connections the token opens (a Redis override still wins).")
     var connLimit: Int?
     @Flag(help: "Print JSON (token, user, expiry) instead of the bare token.") var json = false
@@ -29,9 +29,8 @@ struct Token: AsyncParsableCommand {
         guard secret.utf8.count >= TokenVerifier.minimumSecretBytes else {
             throw OperatorError("the HS256 secret must be at least \(TokenVerifier.minimumSecretBytes) bytes (it has \(secret.utf8.count))")
         }
-        guard let lifetime = ServeSettings.parseDuration(ttl), lifetime > .zero else {
-            throw OperatorError("invalid --ttl \"\(ttl)\": use a positive number with ms, s or m, e.g. 30m")
-        }
+        let lifetime = ttl.duration
+        guard lifetime > .zero else { throw OperatorError("invalid --ttl 0: a token must live a while, e.g. 30m") }
         do {
             _ = try UserID(user)
         } catch {
