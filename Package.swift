@@ -100,9 +100,19 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .target(
+            name: "LocalFleet",
+            dependencies: [
+                "ChildProcesses",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
             name: "TestSupport",
             dependencies: [
                 "ChildProcesses",
+                "LocalFleet",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ],
@@ -194,7 +204,7 @@ let package = Package(
         ),
         .testTarget(
             name: "TestSupportTests",
-            dependencies: ["TestSupport"],
+            dependencies: ["LocalFleet", "TestSupport"],
             swiftSettings: swiftSettings
         ),
         .testTarget(

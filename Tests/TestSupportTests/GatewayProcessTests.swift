@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import Testing
 
+@testable import LocalFleet
 @testable import TestSupport
 
 /// Tests of ``GatewayProcess`` with `/bin/sh` scripts standing in for `fleetgate serve`.

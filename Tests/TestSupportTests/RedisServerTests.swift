@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import Testing
 
+@testable import LocalFleet
 @testable import TestSupport
 
 /// Tests against real `redis-server` processes; each test owns its servers (except the `SharedRedisServer` tests).

@@ -2,6 +2,7 @@ import Glibc
 import Synchronization
 import Testing
 
+@testable import LocalFleet
 @testable import TestSupport
 
 /// Tests of ``TCPProxy`` in front of real `redis-server` processes, talking to the proxy with plain blocking sockets.

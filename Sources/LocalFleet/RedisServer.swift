@@ -3,11 +3,12 @@ import Foundation
 import Glibc
 import Synchronization
 
-/// A real `redis-server` child process on a free loopback port, in its own temporary directory, for tests.
+/// A real `redis-server` child process on a free loopback port, in its own temporary directory, for tests and the
+/// chaos runner.
 ///
 /// Start one with ``start(_:)`` (or ``withServer(_:_:)``, which also guarantees it is killed afterwards). The server
 /// can be stopped, killed, paused, resumed and restarted on the same port and directory to simulate failures.
-/// Every process is SIGKILLed by `deinit` at the latest, and by a watchdog helper if the test process itself dies.
+/// Every process is SIGKILLed by `deinit` at the latest, and by a watchdog helper if this process itself dies.
 ///
 /// All methods are safe to call from any task; the mutable parts (the current process, the paused flag) live behind
 /// a `Mutex`.
@@ -83,7 +84,7 @@ public final class RedisServer: Sendable {
     private enum LaunchFailure: Error {
         /// `redis-server` exited because its port (or cluster bus port) was taken; carries the error message to use
         /// if the caller gives up.
-        case addressInUse(TestSupportError)
+        case addressInUse(LocalFleetError)
     }
 
     /// Name of the log file (inside ``directory``).
@@ -111,7 +112,7 @@ public final class RedisServer: Sendable {
     /// Starts a server on a free loopback port with a fresh temporary directory and waits until it answers PING.
     ///
     /// If the port is taken between picking and binding it, retries with another port (up to 5 times).
-    /// - Throws: ``TestSupportError`` if `redis-server` is not on `PATH`, exits during startup or does not answer
+    /// - Throws: ``LocalFleetError`` if `redis-server` is not on `PATH`, exits during startup or does not answer
     ///   within 10 s; the message includes the address and the tail of `redis.log`.
     public static func start(_ options: Options = .init()) async throws -> RedisServer {
         let executable = try locateExecutable("redis-server", package: "redis-server")
@@ -119,7 +120,7 @@ public final class RedisServer: Sendable {
             template: try ProcessWatchdog.rootDirectory() + "/server-XXXXXX"
         )
         do {
-            var lastFailure: TestSupportError?
+            var lastFailure: LocalFleetError?
             for _ in 0..<5 {
                 let port = try Sockets.reserveFreePort(needsClusterBusPort: options.needsClusterBusPort)
                 do {
@@ -129,7 +130,7 @@ public final class RedisServer: Sendable {
                     lastFailure = failure
                 }
             }
-            throw TestSupportError(
+            throw LocalFleetError(
                 "redis-server could not bind a free port 5 times in a row (another process took each port first); last attempt: "
                     + (lastFailure?.message ?? "unknown")
             )
@@ -256,7 +257,7 @@ public final class RedisServer: Sendable {
     /// only if the server was started with ``Options/persistence``.
     /// - Parameter portWait: how long to keep retrying while another process holds the port. Defaults to 10 seconds
     ///   (generous: a loaded test machine can take seconds to let go of a socket).
-    /// - Throws: ``TestSupportError`` if the server does not come back, e.g. because another process holds the port
+    /// - Throws: ``LocalFleetError`` if the server does not come back, e.g. because another process holds the port
     ///   for longer than `portWait`; the message has the address and the tail of `redis.log`.
     public func restart(keepData: Bool, portWait: Duration = .seconds(10)) async throws {
         await kill()
@@ -276,7 +277,7 @@ public final class RedisServer: Sendable {
                 return
             } catch LaunchFailure.addressInUse(let failure) {
                 guard ContinuousClock.now < deadline else {
-                    throw TestSupportError("cannot restart redis-server on \(address), its port stayed in use for \(portWait): \(failure.message)")
+                    throw LocalFleetError("cannot restart redis-server on \(address), its port stayed in use for \(portWait): \(failure.message)")
                 }
                 try await Task.sleep(for: .milliseconds(50))
             }
@@ -290,7 +291,7 @@ public final class RedisServer: Sendable {
     ///
     /// Note that `redis-cli` prints error replies (e.g. `"WRONGTYPE ..."`) to stdout and still exits 0; a nil reply
     /// comes back as `""`. Options go before the command, e.g. `cli("-a", password, "--no-auth-warning", "PING")`.
-    /// - Throws: ``TestSupportError`` with stderr if `redis-cli` exits non-zero (e.g. the server is down), or if it
+    /// - Throws: ``LocalFleetError`` with stderr if `redis-cli` exits non-zero (e.g. the server is down), or if it
     ///   does not finish within 10 s (e.g. the server is paused), in which case it is killed.
     public func cli(_ arguments: String...) async throws -> String {
         try await cli(arguments: arguments)
@@ -315,7 +316,7 @@ public final class RedisServer: Sendable {
 
         if await !watcher.wait(timeout: .seconds(10)) {
             await child.kill()
-            throw TestSupportError("`\(command)` against \(address) did not finish within 10 s (is the server paused?); killed it")
+            throw LocalFleetError("`\(command)` against \(address) did not finish within 10 s (is the server paused?); killed it")
         }
         let stdout = LaunchedChild.readText(outputPath)
         let stderr = LaunchedChild.readText(errorPath).trimmingCharacters(in: .whitespacesAndNewlines)
@@ -324,7 +325,7 @@ public final class RedisServer: Sendable {
             message += stderr.isEmpty ? "" : ": \(stderr)"
             let trimmedOutput = stdout.trimmingCharacters(in: .whitespacesAndNewlines)
             message += trimmedOutput.isEmpty ? "" : "\nstdout: \(trimmedOutput)"
-            throw TestSupportError(message)
+            throw LocalFleetError(message)
         }
         return stdout.trimmingCharacters(in: .whitespacesAndNewlines)
     }
@@ -384,7 +385,7 @@ public final class RedisServer: Sendable {
         var answersWithoutReadyLine = 0
         while true {
             if let termination = launch.watcher.termination {
-                let failure = TestSupportError(
+                let failure = LocalFleetError(
                     "redis-server for \(address) (pid \(pid)) \(termination) during startup\n" + diagnostics(directory: directory)
                 )
                 if logLines(directory: directory, pid: pid).contains(where: { $0.contains("Address already in use") }) {
@@ -405,7 +406,7 @@ public final class RedisServer: Sendable {
                 }
             }
             guard ContinuousClock.now < deadline else {
-                throw TestSupportError(
+                throw LocalFleetError(
                     "redis-server for \(address) (pid \(pid)) did not answer PING within 10 s (last probe: \(reply))\n"
                         + diagnostics(directory: directory)
                 )
@@ -421,13 +422,13 @@ public final class RedisServer: Sendable {
         do {
             entries = try FileManager.default.contentsOfDirectory(atPath: directory)
         } catch {
-            throw TestSupportError("cannot list \(directory) to wipe the data of \(address): \(error)")
+            throw LocalFleetError("cannot list \(directory) to wipe the data of \(address): \(error)")
         }
         for entry in entries where !keep.contains(entry) {
             do {
                 try FileManager.default.removeItem(atPath: directory + "/" + entry)
             } catch {
-                throw TestSupportError("cannot delete \(directory)/\(entry) to wipe the data of \(address): \(error)")
+                throw LocalFleetError("cannot delete \(directory)/\(entry) to wipe the data of \(address): \(error)")
             }
         }
     }
@@ -441,7 +442,7 @@ public final class RedisServer: Sendable {
                 return URL(fileURLWithPath: candidate)
             }
         }
-        throw TestSupportError("\(name) not found on PATH; run scripts/test, which installs it (apt-get install \(package))")
+        throw LocalFleetError("\(name) not found on PATH; run scripts/test, which installs it (apt-get install \(package))")
     }
 
     /// The lines of `redis.log` written by process `pid`.

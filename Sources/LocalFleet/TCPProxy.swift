@@ -3,7 +3,7 @@ import NIOPosix
 import Synchronization
 
 /// A loopback TCP proxy in front of one upstream (typically a ``RedisServer``), whose link can be cut, stalled or
-/// delayed while other clients keep their direct link. For tests only.
+/// delayed while other clients keep their direct link: the partitions of tests and of the chaos runner.
 ///
 /// Clients connect to ``address`` instead of the upstream; each accepted connection gets its own upstream connection
 /// on the same event loop, and bytes are copied between the two unchanged. The fault modes apply to every proxied
@@ -67,17 +67,17 @@ public final class TCPProxy: Sendable {
     ///
     /// The upstream does not need to be reachable yet: each proxied connection connects to it when accepted, and is
     /// closed at once if that fails.
-    /// - Throws: ``TestSupportError`` if the upstream address is invalid or the proxy cannot listen.
+    /// - Throws: ``LocalFleetError`` if the upstream address is invalid or the proxy cannot listen.
     public static func start(upstreamHost: String = "127.0.0.1", upstreamPort: Int) async throws -> TCPProxy {
         let upstreamDescription = "\(upstreamHost):\(upstreamPort)"
         guard (1...65_535).contains(upstreamPort) else {
-            throw TestSupportError("TCPProxy needs an upstream port in 1...65535, got \(upstreamDescription)")
+            throw LocalFleetError("TCPProxy needs an upstream port in 1...65535, got \(upstreamDescription)")
         }
         let upstream: SocketAddress
         do {
             upstream = try SocketAddress.makeAddressResolvingHost(upstreamHost, port: upstreamPort)
         } catch {
-            throw TestSupportError("TCPProxy cannot resolve its upstream \(upstreamDescription): \(error)")
+            throw LocalFleetError("TCPProxy cannot resolve its upstream \(upstreamDescription): \(error)")
         }
         let registry = ProxyRegistry(upstream: upstream)
         let bootstrap = ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
@@ -91,11 +91,11 @@ public final class TCPProxy: Sendable {
         do {
             listener = try await bootstrap.bind(host: Sockets.loopbackHost, port: 0).get()
         } catch {
-            throw TestSupportError("TCPProxy for \(upstreamDescription) cannot listen on \(Sockets.loopbackHost): \(error)")
+            throw LocalFleetError("TCPProxy for \(upstreamDescription) cannot listen on \(Sockets.loopbackHost): \(error)")
         }
         guard let port = listener.localAddress?.port else {
             try? await listener.close().get()
-            throw TestSupportError("TCPProxy for \(upstreamDescription) cannot read back its listening port on \(Sockets.loopbackHost)")
+            throw LocalFleetError("TCPProxy for \(upstreamDescription) cannot read back its listening port on \(Sockets.loopbackHost)")
         }
         return TCPProxy(port: port, listener: listener, registry: registry)
     }

@@ -5,9 +5,9 @@ import Glibc
 ///
 /// Everything here blocks the calling thread (bounded by explicit timeouts); async callers should go through
 /// ``BlockingWork/run(_:)``.
-enum Sockets {
+package enum Sockets {
     /// What came back from ``request(_:port:timeout:)``.
-    enum Reply: Equatable, Sendable {
+    package enum Reply: Equatable, Sendable {
         /// `connect` failed with this `errno` (e.g. `ECONNREFUSED` when nothing listens on the port).
         case connectFailed(errno: Int32)
         /// Connected and sent, but no complete reply line arrived before the timeout or the peer closed.
@@ -17,14 +17,14 @@ enum Sockets {
     }
 
     /// The loopback address every helper uses.
-    static let loopbackHost = "127.0.0.1"
+    package static let loopbackHost = "127.0.0.1"
 
     /// Picks a TCP port on 127.0.0.1 that is free right now, by binding port 0 and reading the port back.
     ///
     /// The socket is closed before returning, so another process can still grab the port; callers must retry on
     /// "Address already in use". With `needsClusterBusPort`, the port is also at most 55535 and port + 10000 is free
     /// (Redis Cluster listens on that second port).
-    static func reserveFreePort(needsClusterBusPort: Bool = false) throws -> Int {
+    package static func reserveFreePort(needsClusterBusPort: Bool = false) throws -> Int {
         for _ in 0..<200 {
             let port = try bindEphemeralPort()
             guard needsClusterBusPort else { return port }
@@ -32,11 +32,11 @@ enum Sockets {
                 return port
             }
         }
-        throw TestSupportError("could not find a free port on \(loopbackHost) with a free cluster bus port (port + 10000)")
+        throw LocalFleetError("could not find a free port on \(loopbackHost) with a free cluster bus port (port + 10000)")
     }
 
     /// Whether a listening socket could be bound on 127.0.0.1:`port` right now (with `SO_REUSEADDR`, like Redis).
-    static func canBind(port: Int) -> Bool {
+    package static func canBind(port: Int) -> Bool {
         guard let descriptor = try? makeSocket() else { return false }
         defer { close(descriptor) }
         var one: Int32 = 1
@@ -47,7 +47,7 @@ enum Sockets {
 
     /// Connects to 127.0.0.1:`port` and immediately closes again; returns nil on success or the `connect` errno
     /// (`ECONNREFUSED` when nothing listens, `EINPROGRESS` if the connect timed out).
-    static func connectionError(port: Int, timeout: Duration = .seconds(1)) -> Int32? {
+    package static func connectionError(port: Int, timeout: Duration = .seconds(1)) -> Int32? {
         switch connect(port: port, timeout: timeout) {
         case .success(let descriptor):
             close(descriptor)
@@ -61,7 +61,7 @@ enum Sockets {
     ///
     /// Connecting, sending and each receive are bounded by `timeout` (via `SO_SNDTIMEO`/`SO_RCVTIMEO`), so a stopped
     /// or wedged server yields ``Reply/noReply`` (or ``Reply/connectFailed(errno:)``) instead of hanging.
-    static func request(_ payload: String, port: Int, timeout: Duration) -> Reply {
+    package static func request(_ payload: String, port: Int, timeout: Duration) -> Reply {
         let descriptor: Int32
         switch connect(port: port, timeout: timeout) {
         case .success(let connected):
@@ -103,13 +103,13 @@ enum Sockets {
     private static func makeSocket() throws -> Int32 {
         let descriptor = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard descriptor >= 0 else {
-            throw TestSupportError("socket() failed: \(errnoDescription())")
+            throw LocalFleetError("socket() failed: \(errnoDescription())")
         }
         return descriptor
     }
 
     /// `strerror` of `code` (the current `errno` by default).
-    static func errnoDescription(_ code: Int32 = errno) -> String {
+    package static func errnoDescription(_ code: Int32 = errno) -> String {
         String(cString: strerror(code))
     }
 
@@ -142,14 +142,14 @@ enum Sockets {
         defer { close(descriptor) }
         var address = loopbackAddress(port: 0)
         guard withSockaddr(&address, { bind(descriptor, $0, $1) }) == 0 else {
-            throw TestSupportError("bind(\(loopbackHost):0) failed: \(errnoDescription())")
+            throw LocalFleetError("bind(\(loopbackHost):0) failed: \(errnoDescription())")
         }
         var length = socklen_t(MemoryLayout<sockaddr_in>.size)
         let result = withUnsafeMutablePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(descriptor, $0, &length) }
         }
         guard result == 0 else {
-            throw TestSupportError("getsockname() failed: \(errnoDescription())")
+            throw LocalFleetError("getsockname() failed: \(errnoDescription())")
         }
         return Int(UInt16(bigEndian: address.sin_port))
     }

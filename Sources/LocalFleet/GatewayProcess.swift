@@ -3,13 +3,13 @@ import Foundation
 import Glibc
 import Synchronization
 
-/// A real gateway node (`fleetgate serve`) running as a child process, for tests that need whole nodes: several of them
+/// A real gateway node (`fleetgate serve`) running as a child process, for tests and the chaos runner: several of them
 /// against one Redis, drained, killed or frozen to simulate failures.
 ///
 /// Start one with ``start(executable:arguments:environment:startupTimeout:)``, which returns once the node has printed
 /// its `fleetgate: listening on 127.0.0.1:PORT node=NAME` line. The node's stdout and stderr go to files in a temporary
 /// directory, so they can be read at any time (``standardOutput()``, ``standardError()``). The process is SIGKILLed by
-/// `deinit` at the latest, and by a watchdog helper if the test process itself dies.
+/// `deinit` at the latest, and by a watchdog helper if this process itself dies.
 ///
 /// All methods are safe to call from any task; the mutable part (whether the node is stopped by SIGSTOP) lives behind a
 /// `Mutex`.
@@ -106,7 +106,7 @@ public final class GatewayProcess: Sendable, CustomStringConvertible {
     ///   - environment: changes to this process's environment for the child: entries here win, and an entry with an
     ///     empty value removes the variable. Defaults to no changes.
     ///   - startupTimeout: how long to wait for the "listening on" line. Defaults to 30 seconds.
-    /// - Throws: ``TestSupportError`` if the process cannot be launched, exits before it is listening, prints a
+    /// - Throws: ``LocalFleetError`` if the process cannot be launched, exits before it is listening, prints a
     ///   malformed "listening on" line or does not print one within `startupTimeout` (it is then killed); the message
     ///   quotes the tail of its stderr and stdout.
     public static func start(
@@ -140,7 +140,7 @@ public final class GatewayProcess: Sendable, CustomStringConvertible {
     ///
     /// Looks in the directory of the running test binary (`CommandLine.arguments[0]`, then `/proc/self/exe`), which is
     /// the build products directory under `swift test`, and then in `debug/` below its parent directories.
-    /// - Throws: ``TestSupportError`` listing the places looked at if there is no such executable.
+    /// - Throws: ``LocalFleetError`` listing the places looked at if there is no such executable.
     public static func fleetgateExecutable() throws -> URL {
         var directories: [URL] = []
         if let first = CommandLine.arguments.first {
@@ -165,7 +165,7 @@ public final class GatewayProcess: Sendable, CustomStringConvertible {
         if let found = candidates.first(where: { FileManager.default.isExecutableFile(atPath: $0) }) {
             return URL(fileURLWithPath: found)
         }
-        throw TestSupportError(
+        throw LocalFleetError(
             "the fleetgate executable is not next to the test binary (looked for \(candidates.joined(separator: ", "))); "
                 + "run `swift build --build-tests` (or `swift test`) so SwiftPM builds it"
         )
@@ -198,7 +198,7 @@ public final class GatewayProcess: Sendable, CustomStringConvertible {
     /// - Parameter timeout: how long the node may take to drain and exit. Defaults to 15 seconds (the node's own drain
     ///   deadline defaults to 10 seconds).
     /// - Returns: the exit status, as in ``exitStatus``: 0 after a clean drain.
-    /// - Throws: ``TestSupportError`` with the tail of stderr if the process is still running after `timeout`; it is
+    /// - Throws: ``LocalFleetError`` with the tail of stderr if the process is still running after `timeout`; it is
     ///   SIGKILLed (and gone) before the error is thrown.
     @discardableResult
     public func terminate(timeout: Duration = .seconds(15)) async throws -> Int32 {
@@ -214,7 +214,7 @@ public final class GatewayProcess: Sendable, CustomStringConvertible {
             return Self.exitStatus(termination)
         }
         await kill()
-        throw TestSupportError("\(self) did not drain and exit within \(timeout) of SIGTERM; killed it with SIGKILL\n" + diagnostics())
+        throw LocalFleetError("\(self) did not drain and exit within \(timeout) of SIGTERM; killed it with SIGKILL\n" + diagnostics())
     }
 
     /// Kills the process with SIGKILL (also when stopped) and waits until it is gone, so its port refuses connections
@@ -249,7 +249,7 @@ public final class GatewayProcess: Sendable, CustomStringConvertible {
 
     /// Polls stderr and stdout every 20 ms until one of them contains `text`.
     ///
-    /// - Throws: ``TestSupportError`` with the tail of both outputs if `timeout` passes first or the process exits
+    /// - Throws: ``LocalFleetError`` with the tail of both outputs if `timeout` passes first or the process exits
     ///   without having written `text`.
     public func waitForOutput(containing text: String, timeout: Duration) async throws {
         let deadline = ContinuousClock.now + timeout
@@ -260,10 +260,10 @@ public final class GatewayProcess: Sendable, CustomStringConvertible {
                 return
             }
             if let termination {
-                throw TestSupportError("\(self) \(termination) without writing \"\(text)\"\n" + diagnostics())
+                throw LocalFleetError("\(self) \(termination) without writing \"\(text)\"\n" + diagnostics())
             }
             guard ContinuousClock.now < deadline else {
-                throw TestSupportError("\(self) did not write \"\(text)\" within \(timeout)\n" + diagnostics())
+                throw LocalFleetError("\(self) did not write \"\(text)\" within \(timeout)\n" + diagnostics())
             }
             try await Task.sleep(for: Self.pollInterval)
         }
@@ -283,16 +283,16 @@ public final class GatewayProcess: Sendable, CustomStringConvertible {
                 if let listening = try parseListeningLine(LaunchedChild.readText(directory + "/" + outputFileName)) {
                     return listening
                 }
-            } catch let error as TestSupportError {
-                throw TestSupportError("`\(command)` (pid \(child.pid)) \(error.message)\n" + diagnostics(directory: directory))
+            } catch let error as LocalFleetError {
+                throw LocalFleetError("`\(command)` (pid \(child.pid)) \(error.message)\n" + diagnostics(directory: directory))
             }
             if let termination {
-                throw TestSupportError(
+                throw LocalFleetError(
                     "`\(command)` (pid \(child.pid)) \(termination) before it was listening\n" + diagnostics(directory: directory)
                 )
             }
             guard ContinuousClock.now < deadline else {
-                throw TestSupportError(
+                throw LocalFleetError(
                     "`\(command)` (pid \(child.pid)) printed no \"\(listeningPrefix)...\" line within \(timeout); killed it\n"
                         + diagnostics(directory: directory)
                 )
@@ -302,7 +302,7 @@ public final class GatewayProcess: Sendable, CustomStringConvertible {
     }
 
     /// The first complete (newline-terminated) "listening on" line in `output`, or nil if there is none yet.
-    /// - Throws: ``TestSupportError`` if that line does not have the form `fleetgate: listening on HOST:PORT node=NAME`.
+    /// - Throws: ``LocalFleetError`` if that line does not have the form `fleetgate: listening on HOST:PORT node=NAME`.
     static func parseListeningLine(_ output: String) throws -> ListeningLine? {
         // The last piece is either empty (output ends with a newline) or a line still being written.
         let lines = output.split(omittingEmptySubsequences: false, whereSeparator: \.isNewline).dropLast()
@@ -316,7 +316,7 @@ public final class GatewayProcess: Sendable, CustomStringConvertible {
             let node = fields.dropFirst().first(where: { $0.hasPrefix("node=") }),
             node.count > "node=".count
         else {
-            throw TestSupportError("printed a malformed listening line \"\(line)\" (expected \"\(listeningPrefix)127.0.0.1:PORT node=NAME\")")
+            throw LocalFleetError("printed a malformed listening line \"\(line)\" (expected \"\(listeningPrefix)127.0.0.1:PORT node=NAME\")")
         }
         return ListeningLine(host: String(address[..<colon]), port: port, nodeName: String(node.dropFirst("node=".count)))
     }
