@@ -135,6 +135,18 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        .target(
+            name: "FleetChaos",
+            dependencies: [
+                "ChildProcesses",
+                "ConnectionLimiter",
+                "LoadGenerator",
+                "LocalFleet",
+                "RedisClient",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         .executableTarget(
             name: "fleetgate",
             dependencies: [
@@ -143,6 +155,8 @@ let package = Package(
                 "Gateway",
                 "LoadGenerator",
                 "FleetgateBench",
+                "FleetChaos",
+                "LocalFleet",
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),

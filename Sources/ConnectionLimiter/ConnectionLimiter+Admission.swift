@@ -141,7 +141,27 @@ extension ConnectionLimiter {
                 }
                 throw fencedError(node: entryNode, user: user, connection: connection)
             }
+            state.withLock { $0.redisFullSince = nil }
             return await finishAdmission(user: user, connection: connection, node: entryNode, reply: reply)
+        } catch let error as RedisError where error.serverErrorPrefix == "OOM" {
+            // Redis is up but full: refuse (no local fallback, whose count would not see the other nodes). The
+            // script did not run (it is not allowed to at the memory limit), so nothing is left in Redis.
+            state.withLock { _ = removeLocally(connection, from: &$0) }
+            metrics.redisFull.increment()
+            let first = state.withLock { state -> Bool in
+                defer { state.redisFullSince = state.redisFullSince ?? clock.now }
+                return state.redisFullSince == nil
+            }
+            if first {
+                nodeLogger(entryNode).warning(
+                    "Redis is full: new connections are refused (503 redis_full) until memory is freed or maxmemory raised; existing connections keep their leases",
+                    metadata: [LogKey.error: "\(error.message)", "fleetgate.redis": "\(redis.configuration.address)"])
+            }
+            throw LimiterError(
+                code: .redisFull,
+                message:
+                    "Redis at \(redis.configuration.address) is out of memory (\(error.message)); connection \(connection) of user \"\(user)\" refused: raise maxmemory or free memory, existing connections keep their leases",
+                underlying: error)
         } catch let error as RedisError where Self.isUnavailability(error) && !Task.isCancelled {
             do {
                 return try fallback(user: user, connection: connection, limit: limit, reason: error.message, sent: member)
@@ -204,7 +224,7 @@ extension ConnectionLimiter {
         case .connectionRefused, .connectFailed, .connectionLost, .timeout, .clientShutdown, .loading, .busy, .authenticationFailed:
             return true
         default:
-            return error.serverErrorPrefix == "READONLY" || error.serverErrorPrefix == "MASTERDOWN" || error.serverErrorPrefix == "OOM"
+            return error.serverErrorPrefix == "READONLY" || error.serverErrorPrefix == "MASTERDOWN"
         }
     }
 
@@ -266,10 +286,15 @@ extension ConnectionLimiter {
                 )
             )
         case .admitted, .evicted, .alreadyAdmitted, .dryRunOverLimit:
-            let (kept, open) = state.withLock { state -> (Bool, Int) in
-                (state.table.admitted(connection, node: node), state.table.openCount)
+            let (kept, open, current) = state.withLock { state -> (Bool, Int, String) in
+                (state.table.admitted(connection, node: node), state.table.openCount, state.node)
             }
             metrics.activeConnections.record(open)
+            if kept, current != node {
+                // The node re-registered while this admission was in flight, and the re-admission may have run
+                // without it: renewals skip members of earlier incarnations, so hand it to another re-admission.
+                schedule(readmissionAfter: node)
+            }
             if !kept {
                 // Released while its admission was in flight: take the entry back out.
                 await removeMembers([Member(node: node, connection: connection).text], of: user)

@@ -120,8 +120,12 @@ extension ConnectionLimiter {
                     emit(.kick(connection: id, user: connection.user.rawValue, reason: .deniedAfterLeaseLoss))
                 } else if reply != nil {
                     readmitted += 1
-                    if !state.withLock({ $0.table.adopt(id, node: node) }) {
+                    let (adopted, current) = state.withLock { ($0.table.adopt(id, node: node), $0.node) }
+                    if !adopted {
                         await removeMembers([Member(node: node, connection: id).text], of: connection.user)
+                    } else if current != node {
+                        // Re-registered again meanwhile: the next re-admission takes it from this incarnation.
+                        schedule(readmissionAfter: node)
                     }
                 }
                 if reply == nil {

@@ -30,6 +30,8 @@ public final class ConnectionLimiter: Service, Sendable {
         /// The node's registration and lease: one state machine (see ``NodeLifecycle``).
         var life: NodeLifecycle
         var redisDown = false
+        /// Since when admissions have met a full Redis (nil: the last one did not), so the warning is logged once.
+        var redisFullSince: ContinuousClock.Instant?
         /// Nodes whose lease expired (they never come back); their members can be dropped at admission.
         var deadNodes: Set<String> = []
         /// Live nodes in the registry at the last good heartbeat (at least 1): the local fallback admits up to
@@ -210,6 +212,7 @@ public final class ConnectionLimiter: Service, Sendable {
                 group.addTask { await self.renewalLoop() }
                 group.addTask { await self.releaseRetryLoop() }
                 group.addTask { await self.controlLoop() }
+                group.addTask { await self.checkEvictionPolicy() }
                 await self.waitForStop()
                 group.cancelAll()
             }
@@ -222,6 +225,26 @@ public final class ConnectionLimiter: Service, Sendable {
         firstRegistration.open()
         firstReady.open()
         eventContinuation.finish()
+    }
+
+    /// Once registered: warns when Redis evicts keys under memory pressure. Every limiter key has a TTL, so even the
+    /// `volatile-*` policies can drop entries (a user then exceeds the limit) or a node's registration.
+    func checkEvictionPolicy() async {
+        // Until the node stops (run() cancels this task then).
+        guard await firstRegistration.wait(timeout: .seconds(365 * 86_400)), !Task.isCancelled,
+            let reply = try? await redis.send(RedisCommand("CONFIG", "GET", "maxmemory-policy"), timeout: configuration.heartbeat.interval),
+            let policy = reply.strings(from: 1).first
+        else { return }
+        if let message = Self.evictionWarning(policy: policy) {
+            nodeLogger(nodeID).warning("\(message)", metadata: ["fleetgate.redis": "\(redis.configuration.address)"])
+        }
+    }
+
+    /// The warning for a `maxmemory-policy`, nil for `noeviction` (the one the limiter needs).
+    static func evictionWarning(policy: String) -> String? {
+        guard policy != "noeviction" else { return nil }
+        return
+            "Redis evicts keys when full (maxmemory-policy \(policy)): entries can vanish and users exceed their limit; set maxmemory-policy noeviction (a full Redis then refuses new connections with 503 redis_full and keeps the existing ones)"
     }
 
     /// Ends ``run()`` gracefully: every entry of this node is released and the node deregistered.

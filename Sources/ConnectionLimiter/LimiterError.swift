@@ -3,7 +3,7 @@ public struct LimiterError: Error, Sendable, CustomStringConvertible {
     /// The kind of failure; compare with the static members (new codes may be added).
     public struct Code: Hashable, Sendable, CustomStringConvertible {
         private enum Base: String, Hashable, Sendable {
-            case invalidUser, invalidConnection, invalidLimit, redisUnavailable, notRunning, unexpectedReply
+            case invalidUser, invalidConnection, invalidLimit, redisUnavailable, redisFull, notRunning, unexpectedReply
         }
         private let base: Base
         private init(_ base: Base) { self.base = base }
@@ -16,6 +16,9 @@ public struct LimiterError: Error, Sendable, CustomStringConvertible {
         public static let invalidLimit = Code(.invalidLimit)
         /// Redis could not be reached and the policy is `reject` (or the call needs Redis).
         public static let redisUnavailable = Code(.redisUnavailable)
+        /// Redis answered, but is out of memory (`maxmemory` reached under `noeviction`): new connections are refused
+        /// (never admitted on a local count: Redis is up), existing ones keep their leases.
+        public static let redisFull = Code(.redisFull)
         /// The limiter has not registered its node yet, or has shut down.
         public static let notRunning = Code(.notRunning)
         /// Redis answered something the limiter did not expect (a script/key layout mismatch).

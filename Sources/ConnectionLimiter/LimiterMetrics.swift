@@ -6,6 +6,7 @@ struct LimiterMetrics: Sendable {
     let admittedLocal: Counter
     let denied: Counter
     let dryRunDenied: Counter
+    let redisFull: Counter
     let evictedExpired: Counter
     let evictedDeadNode: Counter
     let evictedZombie: Counter
@@ -24,6 +25,7 @@ struct LimiterMetrics: Sendable {
         admittedLocal = Counter(label: "fleetgate_admissions_total", dimensions: [("result", "admitted_local")], factory: factory)
         denied = Counter(label: "fleetgate_admissions_total", dimensions: [("result", "denied")], factory: factory)
         dryRunDenied = Counter(label: "fleetgate_admissions_total", dimensions: [("result", "dry_run_denied")], factory: factory)
+        redisFull = Counter(label: "fleetgate_admissions_total", dimensions: [("result", "redis_full")], factory: factory)
         evictedExpired = Counter(label: "fleetgate_evictions_total", dimensions: [("reason", "expired")], factory: factory)
         evictedDeadNode = Counter(label: "fleetgate_evictions_total", dimensions: [("reason", "dead_node")], factory: factory)
         evictedZombie = Counter(label: "fleetgate_evictions_total", dimensions: [("reason", "zombie")], factory: factory)

@@ -175,6 +175,17 @@ final class GatewayCore: Sendable {
                 Refusal(
                     status: .unauthorized, headers: [.wwwAuthenticate: "Bearer error=\"invalid_token\""],
                     body: JSON.encode(ErrorBody(error: "unauthorized", message: error.message, check: "subject"))))
+        case .redisFull:
+            metrics.upgrades(.unavailable)
+            switch configuration.denyMode {
+            case .close:
+                return .closeAtOnce(code: GatewayCloseCode.tryAgainLater, reason: "Redis is full, try again later")
+            case .http:
+                return .refuse(
+                    Refusal(
+                        status: .serviceUnavailable, headers: [.retryAfter: "5"],
+                        body: JSON.encode(ErrorBody(error: "redis_full", message: error.message))))
+            }
         case .redisUnavailable:
             metrics.upgrades(.unavailable)
             logger.warning("admission refused: Redis unavailable", metadata: ["fleetgate.user": "\(user)"])

@@ -127,6 +127,9 @@ final class LoadConnectionHandler: ChannelInboundHandler, @unchecked Sendable {
         }
     }
 
+    /// Whether this side started the closing handshake (set on the event loop; read after ``closed`` completes).
+    private(set) var closedByClient = false
+
     /// Sends a text message (masked).
     func sendText(_ text: String) {
         guard let context, phase == .open else { return }
@@ -137,6 +140,7 @@ final class LoadConnectionHandler: ChannelInboundHandler, @unchecked Sendable {
     func close() {
         guard let context, phase == .open else { return }
         phase = .closing
+        closedByClient = true
         send(opcode: 0x8, payload: [0x03, 0xE8], context: context)
     }
 

@@ -53,6 +53,9 @@ public struct LoadGeneratorConfiguration: Sendable {
     /// Reconnect, with jittered exponential backoff, a connection the server closed (a kick, a drain, a node that
     /// died) or an attempt that failed, until the hold time is over.
     public var reconnect = false
+    /// With `reconnect`: a denied attempt tries again too (with the same backoff), so users stay under pressure at
+    /// their limit all run long — what makes over-admission visible to the chaos runner.
+    public var retryDenied = false
     /// Attempts in flight at once (the connect rate's bound). Defaults to 256.
     public var concurrency = 256
     /// Round-robin or random over the targets.
@@ -85,6 +88,8 @@ public struct LoadReport: Sendable, Codable {
     public var reconnects = 0
     /// Admitted connections the server closed before the hold time ended, by close code.
     public var closedByServer: [String: Int] = [:]
+    /// Connections this generator closed itself before the hold ended (a storm, ``LoadGenerator/dropAll()``).
+    public var closedByClient = 0
     /// Agent runs completed (with `agentFlow`).
     public var agentRunsCompleted = 0
     /// The most connections held open at once, in all and by any one user.
@@ -123,6 +128,11 @@ public final class LoadGenerator: Sendable {
         var report = LoadReport()
         var open = 0
         var openPerUser: [Int: Int] = [:]
+        /// Open connections per user and gateway port: what the chaos runner's invariant checker compares with Redis.
+        var openPerUserPort: [Int: [Int: Int]] = [:]
+        /// The held connections, so a storm can close them all at once.
+        var held: [ObjectIdentifier: (any EventLoop, LoadConnectionHandler)] = [:]
+        var dropping = false
         var histogram = Histogram<UInt64>(highestTrackableValue: 120_000_000, numberOfSignificantValueDigits: .three)
         var connectStarted: ContinuousClock.Instant?
         var connectEnded: ContinuousClock.Instant?
@@ -140,6 +150,31 @@ public final class LoadGenerator: Sendable {
     }
 
     private var isStopped: Bool { stopped.load(ordering: .relaxed) }
+
+    /// The connections open right now, per user id and gateway port (admitted and not yet closed by either side).
+    public func openConnections() -> [String: [Int: Int]] {
+        state.withLock { state in
+            var result: [String: [Int: Int]] = [:]
+            for (user, ports) in state.openPerUserPort {
+                let open = ports.filter { $0.value > 0 }
+                if !open.isEmpty { result["\(configuration.userPrefix)\(user)"] = open }
+            }
+            return result
+        }
+    }
+
+    /// A connect storm: closes every held connection at once (a close frame from the client, as a network blip that
+    /// every client notices together would); with `reconnect`, each one reconnects after its backoff. Returns how
+    /// many were closed. These closes are counted in ``LoadReport/closedByClient``, not as closed by the server.
+    @discardableResult
+    public func dropAll() -> Int {
+        let held = state.withLock { state -> [(any EventLoop, LoadConnectionHandler)] in
+            state.dropping = true
+            return Array(state.held.values)
+        }
+        for (eventLoop, handler) in held { eventLoop.execute { handler.close() } }
+        return held.count
+    }
 
     /// The counters so far.
     public func progress(since start: ContinuousClock.Instant) -> LoadProgress {
@@ -201,7 +236,7 @@ public final class LoadGenerator: Sendable {
             if outcome.outcome == .admitted { everAdmitted = true }
             // A client that lost its connection retries also when denied (the slot it held may still count until
             // its node's entries are evicted); a first attempt that was denied does not.
-            let retry = outcome.retry || (everAdmitted && outcome.outcome == .denied)
+            let retry = outcome.retry || ((everAdmitted || configuration.retryDenied) && outcome.outcome == .denied)
             guard configuration.reconnect, retry, ContinuousClock.now < holdUntil, !isStopped else { return }
             tries += 1
             state.withLock { $0.report.reconnects += 1 }
@@ -259,8 +294,12 @@ public final class LoadGenerator: Sendable {
             return (.denied, false)
         }
         record(.admitted, latency: latency)
-        opened(user: user, delta: 1)
-        defer { opened(user: user, delta: -1) }
+        opened(user: user, port: target.port, delta: 1)
+        state.withLock { $0.held[ObjectIdentifier(handler)] = (eventLoop, handler) }
+        defer {
+            state.withLock { _ = $0.held.removeValue(forKey: ObjectIdentifier(handler)) }
+            opened(user: user, port: target.port, delta: -1)
+        }
         if configuration.agentFlow {
             eventLoop.execute { handler.sendText(#"{"type":"run","prompt":"load"}"#) }
             if await value(of: handler.runCompleted.futureResult, within: configuration.hold) == true {
@@ -274,7 +313,13 @@ public final class LoadGenerator: Sendable {
             guard left > .zero else { break }
             // The close code (nil inside: the socket ended without one); nil outside: the slice ran out first.
             if let ended = await value(of: handler.closed.futureResult, within: left) {
-                state.withLock { $0.report.closedByServer[ended.map(String.init) ?? "none", default: 0] += 1 }
+                state.withLock { state in
+                    if state.dropping, handler.closedByClient {
+                        state.report.closedByClient += 1
+                    } else {
+                        state.report.closedByServer[ended.map(String.init) ?? "none", default: 0] += 1
+                    }
+                }
                 return (.admitted, true)
             }
         }
@@ -303,10 +348,11 @@ public final class LoadGenerator: Sendable {
         }
     }
 
-    private func opened(user: Int, delta: Int) {
+    private func opened(user: Int, port: Int, delta: Int) {
         state.withLock { state in
             state.open += delta
             state.openPerUser[user, default: 0] += delta
+            state.openPerUserPort[user, default: [:]][port, default: 0] += delta
             state.report.peakOpen = max(state.report.peakOpen, state.open)
             state.report.peakOpenPerUser = max(state.report.peakOpenPerUser, state.openPerUser[user] ?? 0)
         }

@@ -23,11 +23,15 @@ public final class RedisServer: Sendable {
         /// They are appended after the generated ones, so they must not override `--port`, `--bind`, `--dir` or
         /// `--logfile`.
         public var extraArguments: [String]
+        /// Changes to the server's environment (an empty value removes a variable), e.g. `LD_PRELOAD` of the chaos
+        /// runner's clock-offset library.
+        public var environment: [String: String]
 
         /// Creates options; the defaults give a plain, non-persistent standalone server.
-        public init(persistence: Bool = false, extraArguments: [String] = []) {
+        public init(persistence: Bool = false, extraArguments: [String] = [], environment: [String: String] = [:]) {
             self.persistence = persistence
             self.extraArguments = extraArguments
+            self.environment = environment
         }
 
         /// Whether Redis Cluster is enabled without an explicit `--cluster-port`, i.e. Redis also needs port + 10000.
@@ -372,7 +376,8 @@ public final class RedisServer: Sendable {
         arguments += options.extraArguments
 
         return try LaunchedChild.launch(
-            executable, arguments: arguments, workingDirectory: directory, standardOutput: directory + "/" + outputFileName,
+            executable, arguments: arguments, environment: options.environment, workingDirectory: directory,
+            standardOutput: directory + "/" + outputFileName,
             purpose: "for \(Sockets.loopbackHost):\(port)")
     }
 

@@ -1,5 +1,6 @@
 import ArgumentParser
 import ConnectionLimiter
+import FleetChaos
 import Foundation
 import LoadGenerator
 
@@ -10,7 +11,10 @@ struct Fleetgate: AsyncParsableCommand {
         commandName: "fleetgate",
         abstract: "Fleet-wide per-user WebSocket connection limits on Redis.",
         version: FleetgateVersion.current,
-        subcommands: [Serve.self, Status.self, User.self, Nodes.self, Limit.self, Evict.self, Sweep.self, Token.self, Loadgen.self, Bench.self]
+        subcommands: [
+            Serve.self, Status.self, User.self, Nodes.self, Limit.self, Evict.self, Sweep.self, Token.self, Loadgen.self, Demo.self, Chaos.self,
+            Bench.self,
+        ]
     )
 
     /// Runs the command; a failure is one line on stderr (`fleetgate: <what went wrong>`), never a usage dump.
@@ -27,7 +31,7 @@ struct Fleetgate: AsyncParsableCommand {
             guard code != .success else { exit(withError: error) }
             let message =
                 (error as? ServeError)?.description ?? (error as? OperatorError)?.description ?? (error as? LoadGeneratorError)?.description
-                ?? message(for: error)
+                ?? (error as? ChaosError)?.description ?? message(for: error)
             FileHandle.standardError.write(Data("fleetgate: \(message)\n".utf8))
             Foundation.exit(code.rawValue)
         }

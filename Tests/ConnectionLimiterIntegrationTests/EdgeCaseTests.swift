@@ -287,3 +287,56 @@ final class ManagedCounter: Sendable {
     var value: Int { count.withLock { $0 } }
     func add() { count.withLock { $0 += 1 } }
 }
+
+@Suite("A full Redis (maxmemory reached, noeviction)", .timeLimit(.minutes(1)))
+struct RedisFullTests {
+    @Test("new admissions are refused with redisFull (never the local fallback); leases, heartbeats and releases go on")
+    func redisFull() async throws {
+        try await RedisServer.withServer(.init(extraArguments: ["--maxmemory-policy", "noeviction"])) { server throws in
+            let configuration = testConfiguration(limit: 5) { $0.policies.onRedisDown = .local }
+            let node = try await LimiterNode.start(server.url, configuration)
+            for index in 0..<3 { try await node.limiter.mustAdmit("rita", "r\(index)") }
+            try await withClient(server.url) { redis throws in
+                func score(_ member: String) async throws -> Double {
+                    try #require(Double(try await redis.send("ZSCORE", connsKey(configuration, "rita"), member).string ?? ""))
+                }
+                let member = "\(node.limiter.nodeID):r0"
+                let leaseBefore = try await score(member)
+                let nodeBefore = try #require(
+                    Double(try await redis.send("ZSCORE", "\(configuration.keyPrefix):nodes", node.limiter.nodeID).string ?? ""))
+                _ = try await server.cli("CONFIG", "SET", "maxmemory", "1")
+                do {
+                    let decision = try await node.limiter.admit(user: "rita", connection: "r3")
+                    Issue.record("admitted by a full Redis: \(decision)")
+                } catch let error as LimiterError {
+                    #expect(error.code == .redisFull, "\(error)")
+                    #expect(error.message.contains("maxmemory") && error.message.contains("rita"), "\(error)")
+                }
+                #expect(node.limiter.localConnectionCount == 3)
+                // The renewal extends the leases at the memory limit, and the heartbeat the node's.
+                await node.limiter.renewLeases()
+                #expect(try await score(member) > leaseBefore)
+                let beating = try await eventually(timeout: .seconds(5)) {
+                    let now = Double(try await redis.send("ZSCORE", "\(configuration.keyPrefix):nodes", node.limiter.nodeID).string ?? "") ?? 0
+                    return now > nodeBefore
+                }
+                #expect(beating, "the heartbeat stopped at the memory limit")
+                // A release frees memory: it must work too.
+                await node.limiter.release(connection: "r2")
+                #expect(try await redis.send("ZCARD", connsKey(configuration, "rita")).int == 2)
+                _ = try await server.cli("CONFIG", "SET", "maxmemory", "0")
+                try await node.limiter.mustAdmit("rita", "r4")
+            }
+            await node.stop()
+        }
+    }
+
+    @Test("a node warns when Redis evicts keys: every maxmemory-policy but noeviction")
+    func evictionWarning() {
+        #expect(ConnectionLimiter.evictionWarning(policy: "noeviction") == nil)
+        for policy in ["allkeys-lru", "volatile-ttl", "volatile-lru", "allkeys-random"] {
+            let warning = ConnectionLimiter.evictionWarning(policy: policy)
+            #expect(warning?.contains(policy) == true && warning?.contains("noeviction") == true, "\(String(describing: warning))")
+        }
+    }
+}

@@ -281,6 +281,30 @@ struct GatewayFailureTests {
         }
     }
 
+    @Test("Redis full (maxmemory under the data, noeviction): 503 redis_full even with --on-redis-down local; open sockets stay")
+    func redisFull() async throws {
+        try await RedisServer.withServer(.init(extraArguments: ["--maxmemory-policy", "noeviction"])) { server throws in
+            try await Fleet.with(1, redis: server, arguments: ["--on-redis-down", "local"]) { fleet in
+                let held = try await RawWebSocket.connect(port: fleet.nodes[0].port, token: try await Tokens.valid("olga"))
+                defer { held.close() }
+                _ = try await server.cli("CONFIG", "SET", "maxmemory", "1")
+                let answer = try await fleet.upgrade(on: 0, token: try await Tokens.valid("olga"))
+                #expect(answer.status == 503, "\(answer)")
+                #expect(answer.json["error"] as? String == "redis_full", "\(answer)")
+                #expect((answer.json["message"] as? String)?.contains("maxmemory") == true, "\(answer)")
+                // The first connection stays open: no close frame and no end of the socket while Redis is full.
+                do {
+                    let frame = try await held.nextFrame(timeout: .milliseconds(1500))
+                    #expect(frame != nil && frame?.closeCode == nil, "the held connection was closed: \(String(describing: frame))")
+                } catch {
+                    // Nothing arrived within the wait: still open.
+                }
+                _ = try await server.cli("CONFIG", "SET", "maxmemory", "0")
+                #expect(try await fleet.upgrade(on: 0, token: try await Tokens.valid("olga")).status == 101)
+            }
+        }
+    }
+
     @Test("frames over --max-frame-size close with 1009; garbage opcodes with 1002; the node keeps serving")
     func frameLimits() async throws {
         try await Fleet.with(1, arguments: ["--max-frame-size", "1024"]) { fleet in

@@ -1,4 +1,4 @@
-#!lua
+#!lua flags=allow-oom
 -- A node's heartbeat. Never revives an expired or missing node: it must re-register under a new id.
 --
 -- KEYS[1]  P:nodes   ZSET member <node>, score = node lease expiry (ms, Redis clock)

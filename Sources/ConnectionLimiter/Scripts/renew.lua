@@ -1,4 +1,4 @@
-#!lua
+#!lua flags=allow-oom
 -- Renew the leases of one node's open connections of one user; re-add members that are missing (lost in a Redis
 -- restart or failover) while the user is under the limit (in dry run: always), oldest first.
 --

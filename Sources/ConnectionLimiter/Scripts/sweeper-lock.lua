@@ -1,4 +1,4 @@
-#!lua
+#!lua flags=allow-oom
 -- Take, keep or release the sweeper lock: only its holder sweeps dead nodes.
 --
 -- KEYS[1]  P:sweeper   STRING holder node id, with a TTL

@@ -1,0 +1,176 @@
+import ChildProcesses
+import Foundation
+import Glibc
+import LocalFleet
+import Synchronization
+
+/// How the chaos runner's (and the demo's) local fleet is set up.
+public struct FleetOptions: Sendable {
+    /// Gateway nodes.
+    public var nodes = 3
+    /// Every user's limit (`serve --default-limit`).
+    public var limit = 20
+    /// The `fleetgate` executable whose `serve` runs the nodes.
+    public var executable: URL
+    /// The fleet's key prefix.
+    public var keyPrefix = "chaos"
+    /// The nodes' HS256 secret (random by default).
+    public var secret: String
+    /// Extra `serve` flags for every node (policies, timings), e.g. `["--on-lease-loss", "close"]`.
+    public var nodeArguments: [String] = []
+    /// Each node reaches Redis through a TCP proxy of its own, so one node can be cut off (a partition).
+    public var proxies = true
+    /// The Redis server keeps its data across a stop (AOF); a `redis-restart` fault wipes it regardless.
+    public var persistence = true
+    /// The clock-offset library (`LD_PRELOAD`) for redis-server, needed by the `clock-jump` fault.
+    public var clockLibrary: String?
+
+    /// Options with a fresh random secret.
+    public init(executable: URL) {
+        self.executable = executable
+        secret = (0..<40).map { _ in "abcdefghijklmnopqrstuvwxyz0123456789".randomElement().map(String.init)! }.joined()
+    }
+}
+
+/// A local fleet: one redis-server and N `fleetgate serve` nodes on free loopback ports, every process watched by the
+/// process watchdog (nothing outlives this process), with the means to break it: kill, pause, drain and restart a
+/// node, cut a node off from Redis, stop, wipe, fill or shift the clock of Redis.
+public final class ChaosFleet: Sendable {
+    public let options: FleetOptions
+    public let redis: RedisServer
+    /// Per node slot: the proxy it reaches Redis through (nil without ``FleetOptions/proxies``).
+    public let proxies: [TCPProxy?]
+    /// Per node slot: the port it listens on (kept across restarts, so clients find it again).
+    public let ports: [Int]
+    private let processes: Mutex<[GatewayProcess?]>
+    /// The file the clock-offset library reads (seconds to add to Redis's clock).
+    public let clockOffsetFile: String
+
+    private init(options: FleetOptions, redis: RedisServer, proxies: [TCPProxy?], nodes: [GatewayProcess], clockOffsetFile: String) {
+        self.options = options
+        self.redis = redis
+        self.proxies = proxies
+        ports = nodes.map(\.port)
+        processes = Mutex(nodes.map { $0 })
+        self.clockOffsetFile = clockOffsetFile
+    }
+
+    /// The nodes' names: `chaos-1` … `chaos-N`.
+    public func name(_ slot: Int) -> String { "\(options.keyPrefix)-\(slot + 1)" }
+
+    /// Gateway URLs, one per slot.
+    public var urls: [String] { ports.map { "ws://127.0.0.1:\($0)/ws" } }
+
+    /// Starts Redis (noeviction, as the README asks of production), the proxies and every node; stops what it started
+    /// if one part fails.
+    public static func start(_ options: FleetOptions) async throws -> ChaosFleet {
+        let offsetFile = try ProcessWatchdog.makeTemporaryDirectory(template: try ProcessWatchdog.rootDirectory() + "/clock-XXXXXX") + "/offset"
+        try "0\n".write(toFile: offsetFile, atomically: true, encoding: .utf8)
+        var environment: [String: String] = [:]
+        if let library = options.clockLibrary {
+            environment = ["LD_PRELOAD": library, "FLEETGATE_CLOCK_OFFSET_FILE": offsetFile]
+        }
+        let redis = try await RedisServer.start(
+            .init(persistence: options.persistence, extraArguments: ["--maxmemory-policy", "noeviction"], environment: environment))
+        var proxies: [TCPProxy?] = []
+        var nodes: [GatewayProcess] = []
+        do {
+            for slot in 0..<options.nodes {
+                let proxy = options.proxies ? try await TCPProxy.start(upstreamPort: redis.port) : nil
+                proxies.append(proxy)
+                nodes.append(try await launch(options, slot: slot, port: 0, redisURL: proxy?.url ?? redis.url))
+            }
+        } catch {
+            for node in nodes { await node.kill() }
+            for proxy in proxies { await proxy?.stop() }
+            await redis.kill()
+            throw error
+        }
+        return ChaosFleet(options: options, redis: redis, proxies: proxies, nodes: nodes, clockOffsetFile: offsetFile)
+    }
+
+    private static func launch(_ options: FleetOptions, slot: Int, port: Int, redisURL: String) async throws -> GatewayProcess {
+        var environment = ["FLEETGATE_JWT_SECRET": options.secret]
+        // Only the flags configure the nodes: FLEETGATE_* variables of this shell would make them differ.
+        for name in ProcessInfo.processInfo.environment.keys where name.hasPrefix("FLEETGATE_") && environment[name] == nil {
+            environment[name] = ""
+        }
+        let arguments =
+            [
+                "serve", "--host", "127.0.0.1", "--port", String(port), "--redis", redisURL, "--key-prefix", options.keyPrefix,
+                "--default-limit", String(options.limit), "--node-name", "\(options.keyPrefix)-\(slot + 1)", "--log-level", "warning",
+            ] + options.nodeArguments
+        return try await GatewayProcess.start(executable: options.executable, arguments: arguments, environment: environment)
+    }
+
+    /// The node process of `slot`, nil while it is down (killed or drained and not restarted).
+    public func process(_ slot: Int) -> GatewayProcess? {
+        processes.withLock { $0[slot] }
+    }
+
+    /// The Redis URL a node of `slot` uses (its proxy's).
+    public func redisURL(for slot: Int) -> String { proxies[slot]?.url ?? redis.url }
+
+    /// SIGKILL; the slot stays down until ``restart(_:)``.
+    public func kill(_ slot: Int) async {
+        guard let node = processes.withLock({ $0[slot] }) else { return }
+        await node.kill()
+        processes.withLock { $0[slot] = nil }
+    }
+
+    /// SIGSTOP (returns once it is stopped).
+    public func pause(_ slot: Int) {
+        process(slot)?.signal(SIGSTOP)
+    }
+
+    /// SIGCONT.
+    public func resume(_ slot: Int) {
+        process(slot)?.signal(SIGCONT)
+    }
+
+    /// SIGTERM and wait for the drain; the slot stays down until ``restart(_:)``. Returns the exit status.
+    @discardableResult
+    public func terminate(_ slot: Int) async throws -> Int32? {
+        guard let node = processes.withLock({ $0[slot] }) else { return nil }
+        defer { processes.withLock { $0[slot] = nil } }
+        return try await node.terminate()
+    }
+
+    /// Starts the slot's node again, on its port (retrying a few seconds while the old socket lets go).
+    public func restart(_ slot: Int) async throws {
+        guard process(slot) == nil else { return }
+        var lastError: (any Error)?
+        for _ in 0..<20 {
+            do {
+                let node = try await Self.launch(options, slot: slot, port: ports[slot], redisURL: redisURL(for: slot))
+                processes.withLock { $0[slot] = node }
+                return
+            } catch {
+                lastError = error
+                try await Task.sleep(for: .milliseconds(250))
+            }
+        }
+        throw lastError ?? LocalFleetError("cannot restart \(name(slot))")
+    }
+
+    /// Sets the clock offset redis-server sees (seconds, may be negative); needs ``FleetOptions/clockLibrary``.
+    public func setRedisClockOffset(seconds: Double) throws {
+        try "\(seconds)\n".write(toFile: clockOffsetFile, atomically: true, encoding: .utf8)
+    }
+
+    /// Stops everything: nodes drained (SIGTERM, SIGKILL after the drain deadline), proxies, Redis.
+    public func stop() async {
+        let nodes = processes.withLock { nodes -> [GatewayProcess] in
+            defer { nodes = nodes.map { _ in nil } }
+            return nodes.compactMap { $0 }
+        }
+        for node in nodes { node.signal(SIGCONT) }
+        await withTaskGroup(of: Void.self) { group in
+            for node in nodes { group.addTask { _ = try? await node.terminate(timeout: .seconds(15)) } }
+        }
+        for proxy in proxies { await proxy?.stop() }
+        redis.resume()
+        await redis.stop()
+        try? FileManager.default.removeItem(atPath: (clockOffsetFile as NSString).deletingLastPathComponent)
+    }
+}

@@ -1,0 +1,151 @@
+import Foundation
+import LoadGenerator
+
+/// Everything a chaos run measured, with the checks it makes (`--json` prints it; the results folder keeps it beside
+/// the SVG timeline).
+public struct ChaosReport: Codable, Sendable {
+    /// A fault, a heal or a note, at `t` seconds since the load started.
+    public struct Event: Codable, Sendable {
+        public var t: Double
+        public var label: String
+        public var kind: String
+    }
+
+    /// A SIGKILLed node: how long until its last entry was gone and until every user it held was back at the limit.
+    public struct Kill: Codable, Sendable {
+        public var node: String
+        public var at: Double
+        public var users: Int
+        public var entriesGoneAfter: Double?
+        public var usersBackAfter: Double?
+    }
+
+    /// One check of the run; a failed one makes `fleetgate chaos` exit non-zero.
+    public struct Check: Codable, Sendable {
+        public var name: String
+        public var passed: Bool
+        public var detail: String
+    }
+
+    public var scenario: Scenario
+    public var nodes: Int
+    public var users: Int
+    public var attempts: Int
+    public var limit: Int
+    public var nodeArguments: [String]
+    /// When the scenario's clock started (seconds since the load started).
+    public var scenarioStart: Double
+    public var events: [Event]
+    public var kills: [Kill]
+    /// The most sockets one user held at once (sampled every 100 ms), against the limit.
+    public var peakPerUser: Int
+    /// The longest time one user held more than the limit.
+    public var longestOverLimit: Double
+    /// The longest an entry without its socket lasted (per user and node), and where.
+    public var longestStale: Double
+    public var longestStaleWhere: String
+    /// The longest an open socket was missing from Redis (per user and node; windows where its node was paused or
+    /// cut off, or Redis was being restarted, plus one renewal interval, do not count), and where.
+    public var longestLost: Double
+    public var longestLostWhere: String
+    /// Samples in which Redis did not answer the checker.
+    public var samplesWithoutRedis: Int
+    /// The load generator's own report (attempts, outcomes, reconnects, connect latency).
+    public var load: LoadReport
+    public var liveNodesAtEnd: Int?
+    public var checks: [Check]
+    public var samples: [ChaosSample]
+
+    /// Whether every check passed.
+    public var passed: Bool { checks.allSatisfy(\.passed) }
+
+    init(
+        configuration: ChaosConfiguration, scenarioStart: Double, events: [Event], summary: InvariantChecker.Summary, load: LoadReport,
+        liveNodesAtEnd: Int?
+    ) {
+        let options = configuration.fleet
+        scenario = configuration.scenario
+        nodes = options.nodes
+        users = configuration.users
+        attempts = configuration.attempts
+        limit = options.limit
+        nodeArguments = options.nodeArguments
+        self.scenarioStart = scenarioStart
+        self.events = events
+        kills = summary.kills.map {
+            Kill(
+                node: "\(options.keyPrefix)-\($0.slot + 1)" + ($0.node.map { " (\($0))" } ?? ""), at: $0.at, users: $0.users.count,
+                entriesGoneAfter: $0.entriesGoneAfter, usersBackAfter: $0.usersBackAfter)
+        }
+        peakPerUser = summary.peakPerUser
+        longestOverLimit = summary.maxOverAge
+        longestStale = summary.maxStaleAge
+        longestStaleWhere = summary.maxStaleWhere
+        longestLost = summary.maxLostAge
+        longestLostWhere = summary.maxLostWhere
+        samplesWithoutRedis = summary.failedSamples
+        self.load = load
+        self.liveNodesAtEnd = liveNodesAtEnd
+        samples = summary.samples
+
+        // The checks: what the product promises under these faults.
+        var checks: [Check] = []
+        let renew = configuration.renewInterval
+        // Faults during which the README allows an overshoot (the local fallback, a lease lost while paused) for at
+        // most one renewal interval after they end.
+        let overshootAllowed = scenario.faults.contains { [.partition, .pause, .redisStop, .redisRestart, .clockJump].contains($0.kind) }
+        if overshootAllowed {
+            checks.append(
+                Check(
+                    name: "over-limit time", passed: summary.maxOverAge <= renew + 3,
+                    detail: String(
+                        format: "no user above the limit for longer than a renewal interval + 3 s (%.1f s): longest %.1f s, peak %d of %d",
+                        renew + 3, summary.maxOverAge, summary.peakPerUser, options.limit)))
+        } else {
+            checks.append(
+                Check(
+                    name: "over-admission", passed: summary.peakPerUser <= options.limit,
+                    detail: "the most sockets any user held at once: \(summary.peakPerUser) (limit \(options.limit))"))
+        }
+        checks.append(
+            Check(
+                name: "stale entries", passed: summary.maxStaleAge <= 30,
+                detail: String(
+                    format: "every entry without its socket gone within 30 s: longest %.1f s %@", summary.maxStaleAge, summary.maxStaleWhere)))
+        checks.append(
+            Check(
+                name: "lost entries", passed: summary.maxLostAge <= renew + 3,
+                detail: String(
+                    format: "every open socket back in Redis within a renewal interval + 3 s (%.1f s): longest %.1f s %@", renew + 3,
+                    summary.maxLostAge, summary.maxLostWhere)))
+        for kill in kills {
+            checks.append(
+                Check(
+                    name: "SIGKILL \(kill.node)", passed: (kill.entriesGoneAfter ?? .infinity) <= 30,
+                    detail: "entries gone after " + (kill.entriesGoneAfter.map { String(format: "%.1f s", $0) } ?? "more than the run")
+                        + " (promise 30 s, goal 10 s)"
+                        + ", users back at the limit after " + (kill.usersBackAfter.map { String(format: "%.1f s", $0) } ?? "more than the run")))
+        }
+        self.checks = checks
+    }
+
+    /// The report for people: events, figures and checks.
+    public var text: String {
+        var lines: [String] = []
+        lines.append("scenario \(scenario.name): \(nodes) nodes, \(users) users x \(attempts) attempts, limit \(limit)")
+        for event in events { lines.append(String(format: "  %6.1fs  %@", event.t, event.label)) }
+        lines.append(
+            "attempts \(load.attempts): admitted \(load.admitted), denied \(load.denied), failed \(load.failed), reconnects \(load.reconnects)")
+        lines.append(String(format: "connect latency p50 %.1f ms, p99 %.1f ms", load.connectP50Ms, load.connectP99Ms))
+        lines.append("the most connections any user held at once: \(peakPerUser) (limit \(limit))")
+        for check in checks { lines.append("\(check.passed ? "ok  " : "FAIL") \(check.name): \(check.detail)") }
+        return lines.joined(separator: "\n")
+    }
+
+    /// The report as JSON (sorted keys).
+    public func json() throws -> Data {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+        return try encoder.encode(self)
+    }
+}
