@@ -217,6 +217,11 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .testTarget(
+            name: "FleetChaosTests",
+            dependencies: ["FleetChaos", "LoadGenerator"],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
             name: "TestSupportTests",
             dependencies: ["LocalFleet", "TestSupport"],
             swiftSettings: swiftSettings

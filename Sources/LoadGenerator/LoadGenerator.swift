@@ -105,6 +105,9 @@ public struct LoadReport: Sendable, Codable {
     public var seconds = 0.0
     /// A few of the failures, for the report.
     public var failureSamples: [String] = []
+
+    /// An empty report (every count 0).
+    public init() {}
 }
 
 /// A live view of a run, for a progress display.
