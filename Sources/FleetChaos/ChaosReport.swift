@@ -107,6 +107,15 @@ public struct ChaosReport: Codable, Sendable {
                     name: "over-admission", passed: summary.peakPerUser <= options.limit,
                     detail: "the most sockets any user held at once: \(summary.peakPerUser) (limit \(options.limit))"))
         }
+        if scenario.faults.contains(where: { [.partition, .redisStop].contains($0.kind) }) {
+            // The Redis-down fallback admits up to ⌈L / N⌉ per node by its own count: the README's worst case.
+            let share = (options.limit + options.nodes - 1) / options.nodes
+            let bound = options.limit + (options.nodes - 1) * share
+            checks.append(
+                Check(
+                    name: "local-fallback bound", passed: summary.peakPerUser <= bound,
+                    detail: "while nodes counted locally a user held at most \(summary.peakPerUser) (bound L + (N - 1)·⌈L/N⌉ = \(bound))"))
+        }
         checks.append(
             Check(
                 name: "stale entries", passed: summary.maxStaleAge <= 30,
