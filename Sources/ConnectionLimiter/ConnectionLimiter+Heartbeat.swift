@@ -38,13 +38,32 @@ extension ConnectionLimiter {
                 ],
                 timeout: configuration.heartbeat.interval
             )
-            let reply = try results[0].get()
+            var reply = try results[0].get()
             markRedisAvailable()
+            let jump = noticeClockJump(redisNow: reply.int(at: 1), sent: sent, received: clock.now)
+            if reply.int(at: 0) != 1, let jump, jump > .zero, ownLeaseIsCurrent(node: node) {
+                // Redis's clock jumped past this node's lease, but it has not run out in real time (this node's
+                // monotonic clock): extend it instead of re-registering (which would close or re-admit everything).
+                let revived = try await redis.pipeline(
+                    [
+                        .script(scripts.heartbeat, keys: [keys.nodes], arguments: [node, String(ttl), "revive"]),
+                        // The jump may have expired the node's hash too.
+                        .command(nodeHash(node, connections: open, users: users)),
+                        .command(RedisCommand("PEXPIRE", keys.node(node), ttl * 3)),
+                    ],
+                    timeout: configuration.heartbeat.interval)
+                reply = try revived[0].get()
+                if reply.int(at: 0) == 1 {
+                    nodeLogger(node).info("node lease kept across a jump of Redis's clock", metadata: ["fleetgate.jump": "\(jump)"])
+                }
+            }
             guard reply.int(at: 0) == 1 else {
                 await leaseExpired(node: node, status: reply.int(at: 0) ?? 0)
                 return
             }
-            let expired = Set(reply.strings(from: 3)).subtracting([node])
+            let suspended = state.withLock { state in state.sweepsSuspendedUntil.map { clock.now < $0 } ?? false }
+            // While sweeps are suspended after a jump, no node counts as dead: their leases are off by the jump.
+            let expired = suspended ? [] : Set(reply.strings(from: 3)).subtracting([node])
             let actions = state.withLock { state -> [NodeLifecycle.Action] in
                 guard state.node == node else { return [] }
                 state.deadNodes = expired
@@ -68,6 +87,39 @@ extension ConnectionLimiter {
             }
         } catch {
             heartbeatFailed(error)
+        }
+    }
+
+    /// Compares Redis's clock in a heartbeat reply with the time this node's monotonic clock says has passed since the
+    /// previous reply; a difference beyond the round trip and a second is a jump of Redis's clock. A jump is logged and
+    /// counted, suspends sweeps (and counting nodes dead) for a node TTL and an interval so live nodes can put their
+    /// leases right, and — forward — renews every lease now, before admissions drop the entries as expired.
+    /// - Returns: the jump (positive: forward), nil if none.
+    @discardableResult
+    func noticeClockJump(redisNow: Int?, sent: ContinuousClock.Instant, received: ContinuousClock.Instant) -> Duration? {
+        guard let redisNow else { return nil }
+        let now = ClockReading(redisMilliseconds: Int64(redisNow), sent: sent, received: received)
+        let jump = state.withLock { state -> Duration? in
+            defer { state.clockReading = now }
+            guard let previous = state.clockReading, let jump = previous.jump(to: now) else { return nil }
+            state.sweepsSuspendedUntil = received + configuration.heartbeat.nodeTTL + configuration.heartbeat.interval
+            return jump
+        }
+        guard let jump else { return nil }
+        (jump > .zero ? metrics.clockJumpsForward : metrics.clockJumpsBackward).increment()
+        let consequence = jump > .zero ? "this node's lease and entries put right now" : "a dead node may be swept up to the jump later"
+        nodeLogger(nodeID).warning(
+            "Redis's clock jumped \(jump > .zero ? "forward" : "backward") by \(jump): sweeps suspended for a node TTL; \(consequence)",
+            metadata: ["fleetgate.jump": "\(jump)"])
+        if jump > .zero { schedule(renewal: ()) }
+        return jump
+    }
+
+    /// Whether this node's lease is current on its own monotonic clock.
+    func ownLeaseIsCurrent(node: String) -> Bool {
+        state.withLock { state in
+            guard state.node == node, state.life.isCurrent, let deadline = state.life.leaseDeadline else { return false }
+            return clock.now < deadline
         }
     }
 

@@ -11,6 +11,16 @@ extension ConnectionLimiter {
         waiter?.resume()
     }
 
+    /// Asks the maintenance loop for a renewal round now (after a forward jump of Redis's clock).
+    func schedule(renewal: Void) {
+        let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+            state.pendingRenewal = true
+            defer { state.maintenanceWaiter = nil }
+            return state.maintenanceWaiter
+        }
+        waiter?.resume()
+    }
+
     /// Hands a sweep of dead nodes to the maintenance loop.
     func schedule(sweep nodes: Set<String>) {
         let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
@@ -28,7 +38,7 @@ extension ConnectionLimiter {
             await withTaskCancellationHandler {
                 await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
                     let ready = state.withLock { state -> Bool in
-                        if state.pendingReadmission != nil || !state.pendingSweep.isEmpty || Task.isCancelled { return true }
+                        if state.pendingReadmission != nil || !state.pendingSweep.isEmpty || state.pendingRenewal || Task.isCancelled { return true }
                         state.maintenanceWaiter = continuation
                         return false
                     }
@@ -41,14 +51,16 @@ extension ConnectionLimiter {
                 }
                 waiter?.resume()
             }
-            let (readmission, sweep) = state.withLock { state -> (String?, Set<String>) in
+            let (readmission, sweep, renewal) = state.withLock { state -> (String?, Set<String>, Bool) in
                 defer {
                     state.pendingReadmission = nil
                     state.pendingSweep = []
+                    state.pendingRenewal = false
                 }
-                return (state.pendingReadmission, state.pendingSweep)
+                return (state.pendingReadmission, state.pendingSweep, state.pendingRenewal)
             }
             if let previous = readmission { await readmitAll(previous: previous) }
+            if renewal { await renewLeases() }
             if !sweep.isEmpty {
                 await self.sweep(sweep)
                 state.withLock { $0.sweeping = false }

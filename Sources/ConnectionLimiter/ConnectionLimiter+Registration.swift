@@ -13,19 +13,7 @@ extension ConnectionLimiter {
         let results = try await redis.pipeline(
             [
                 .script(scripts.heartbeat, keys: [keys.nodes], arguments: [node, String(ttl), "register"]),
-                .command(
-                    RedisCommand(
-                        "HSET", keys.node(node),
-                        "name", configuration.nodeName,
-                        "address", state.withLock { $0.address } ?? configuration.nodeAddress,
-                        "pid", Int(ProcessInfo.processInfo.processIdentifier),
-                        "version", FleetgateVersion.current,
-                        "ttl", ttl,
-                        "started", Int(Date().timeIntervalSince1970 * 1000),
-                        "conns", 0,
-                        "users", 0
-                    )
-                ),
+                .command(nodeHash(node, connections: 0, users: 0)),
                 .command(RedisCommand("PEXPIRE", keys.node(node), ttl * 3)),
             ],
             timeout: configuration.heartbeat.interval
@@ -57,6 +45,21 @@ extension ConnectionLimiter {
         if ready { firstReady.open() }
         nodeLogger(node).info(
             "node registered", metadata: ["fleetgate.previous-node": "\(previous ?? "none")", "fleetgate.name": "\(configuration.nodeName)"])
+    }
+
+    /// The HSET of a node's hash: what `status` shows of it.
+    func nodeHash(_ node: String, connections: Int, users: Int) -> RedisCommand {
+        RedisCommand(
+            "HSET", keys.node(node),
+            "name", configuration.nodeName,
+            "address", state.withLock { $0.address } ?? configuration.nodeAddress,
+            "pid", Int(ProcessInfo.processInfo.processIdentifier),
+            "version", FleetgateVersion.current,
+            "ttl", nodeTTLMilliseconds,
+            "started", Int(Date().timeIntervalSince1970 * 1000),
+            "conns", connections,
+            "users", users
+        )
     }
 
     /// The registry says this incarnation is gone (expired, or lost in a Redis restart): re-register at once (so the

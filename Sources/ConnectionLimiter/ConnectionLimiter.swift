@@ -41,6 +41,13 @@ public final class ConnectionLimiter: Service, Sendable {
         var pendingReadmission: String?
         var pendingSweep: Set<String> = []
         var sweeping = false
+        /// A renewal round asked of the maintenance loop (after a forward jump of Redis's clock).
+        var pendingRenewal = false
+        /// Redis's clock and this node's monotonic clock at the last heartbeat reply, to notice jumps of Redis's clock.
+        var clockReading: ClockReading?
+        /// After a jump of Redis's clock: no sweep and no node counted dead until then (live nodes need a heartbeat
+        /// to put their leases right).
+        var sweepsSuspendedUntil: ContinuousClock.Instant?
         var maintenanceWaiter: CheckedContinuation<Void, Never>?
         var table = LocalTable()
         /// Connections whose release failed, to retry.

@@ -18,6 +18,8 @@ struct LimiterMetrics: Sendable {
     let sweepDuration: Timer
     let heartbeatFailures: Counter
     let fencingEvents: Counter
+    let clockJumpsForward: Counter
+    let clockJumpsBackward: Counter
     let scriptLatency: Timer
 
     init(factory: any MetricsFactory) {
@@ -37,6 +39,8 @@ struct LimiterMetrics: Sendable {
         sweepDuration = Timer(label: "fleetgate_sweep_duration_seconds", factory: factory)
         heartbeatFailures = Counter(label: "fleetgate_heartbeat_failures_total", factory: factory)
         fencingEvents = Counter(label: "fleetgate_fencing_events_total", factory: factory)
+        clockJumpsForward = Counter(label: "fleetgate_clock_jumps_total", dimensions: [("direction", "forward")], factory: factory)
+        clockJumpsBackward = Counter(label: "fleetgate_clock_jumps_total", dimensions: [("direction", "backward")], factory: factory)
         scriptLatency = Timer(label: "fleetgate_admission_script_duration_seconds", factory: factory)
     }
 }

@@ -219,3 +219,24 @@ struct NodeLifecycle: Sendable, Equatable {
         phase = .stopped
     }
 }
+
+/// Redis's clock read in a heartbeat reply, with the monotonic instants the request was sent and answered.
+struct ClockReading: Sendable, Equatable {
+    var redisMilliseconds: Int64
+    var sent: ContinuousClock.Instant
+    var received: ContinuousClock.Instant
+
+    /// How far Redis's clock moved beyond what passed on the monotonic clock between `self` and `later`, if more than
+    /// the two round trips allow plus a second (so scheduling delays and slow replies never count as a jump).
+    func jump(to later: ClockReading) -> Duration? {
+        let redisElapsed = Duration.milliseconds(later.redisMilliseconds - redisMilliseconds)
+        // Redis read its clock somewhere inside each round trip: the real time between the readings lies in
+        // [later.sent - received, later.received - sent].
+        let shortest = later.sent - received
+        let longest = later.received - sent
+        let slack = Duration.seconds(1)
+        if redisElapsed > longest + slack { return redisElapsed - longest }
+        if redisElapsed < shortest - slack { return redisElapsed - shortest }
+        return nil
+    }
+}

@@ -48,6 +48,8 @@ public struct ChaosReport: Codable, Sendable {
     /// cut off, or Redis was being restarted, plus one renewal interval, do not count), and where.
     public var longestLost: Double
     public var longestLostWhere: String
+    /// Times a node's port came back under a new node id (re-registrations and restarts).
+    public var reregistrations: Int
     /// Samples in which Redis did not answer the checker.
     public var samplesWithoutRedis: Int
     /// The load generator's own report (attempts, outcomes, reconnects, connect latency).
@@ -84,6 +86,7 @@ public struct ChaosReport: Codable, Sendable {
         longestLost = summary.maxLostAge
         longestLostWhere = summary.maxLostWhere
         samplesWithoutRedis = summary.failedSamples
+        reregistrations = summary.reregistrations
         self.load = load
         self.liveNodesAtEnd = liveNodesAtEnd
         samples = summary.samples

@@ -101,14 +101,16 @@ public struct ChaosRunner: Sendable {
         let load = LoadGenerator(configuration: loadConfiguration)
         let users = (0..<configuration.users).map { "\(loadConfiguration.userPrefix)\($0)" }
         let started = ContinuousClock.now
-        let checker = InvariantChecker(
-            limiter: limiter, load: load, users: users, ports: fleet.ports, limit: options.limit, started: started)
         let events = EventLog()
+        let clock = ContinuousClock()
         let event: @Sendable (String, String) -> Void = { label, kind in
-            let t = checker.now
+            let t = seconds(started.duration(to: clock.now))
             events.append(.init(t: t, label: label, kind: kind))
             say(String(format: "%6.1fs  %@", t, label))
         }
+        let checker = InvariantChecker(
+            limiter: limiter, load: load, users: users, ports: fleet.ports, limit: options.limit, started: started,
+            newIncarnation: { slot in event("\(fleet.name(slot)) has a new node id (re-registered or restarted)", "note") })
 
         let loadRun = Task { try await load.run() }
         defer { load.stop() }

@@ -58,6 +58,9 @@ final class InvariantChecker: Sendable {
         var excuses: [Excuse] = []
         var failedSamples = 0
         var lastAffected: [String] = []
+        /// The live node id seen at each port, to notice re-registrations (a new incarnation on the same port).
+        var nodeAtPort: [Int: String] = [:]
+        var reregistrations = 0
     }
 
     private let state = Mutex(State())
@@ -67,8 +70,14 @@ final class InvariantChecker: Sendable {
     let ports: [Int]
     let limit: Int
     let started: ContinuousClock.Instant
+    /// Called with the slot whose node came back under a new id (a re-registration or a restart).
+    let newIncarnation: @Sendable (Int) -> Void
 
-    init(limiter: ConnectionLimiter, load: LoadGenerator, users: [String], ports: [Int], limit: Int, started: ContinuousClock.Instant) {
+    init(
+        limiter: ConnectionLimiter, load: LoadGenerator, users: [String], ports: [Int], limit: Int, started: ContinuousClock.Instant,
+        newIncarnation: @escaping @Sendable (Int) -> Void = { _ in }
+    ) {
+        self.newIncarnation = newIncarnation
         self.limiter = limiter
         self.load = load
         self.users = users
@@ -121,10 +130,14 @@ final class InvariantChecker: Sendable {
         // Redis: the registry (node id -> port) and every user's entries, a few dozen users at a time.
         var redisAnswered = true
         var portOfNode: [String: Int] = [:]
+        var liveAtPort: [Int: String] = [:]
         var entries: [String: [LimiterEntry]] = [:]
         do {
             for node in try await limiter.nodes() {
-                if let port = node.address.split(separator: ":").last.flatMap({ Int($0) }) { portOfNode[node.id] = port }
+                if let port = node.address.split(separator: ":").last.flatMap({ Int($0) }) {
+                    portOfNode[node.id] = port
+                    if node.isAlive { liveAtPort[port] = node.id }
+                }
             }
             try await withThrowingTaskGroup(of: (String, [LimiterEntry]).self) { group in
                 var pending = users[...]
@@ -142,6 +155,18 @@ final class InvariantChecker: Sendable {
             redisAnswered = false
         }
 
+        let renewed = state.withLock { state -> [Int] in
+            var slots: [Int] = []
+            for (port, id) in liveAtPort {
+                if let previous = state.nodeAtPort[port], previous != id, let slot = slotOfPort[port] {
+                    slots.append(slot)
+                    state.reregistrations += 1
+                }
+                state.nodeAtPort[port] = id
+            }
+            return slots
+        }
+        for slot in renewed { newIncarnation(slot) }
         state.withLock { state in
             state.peakPerUser = max(state.peakPerUser, maxPerUser)
             // Over the limit: how long each user stays above it.
@@ -229,6 +254,7 @@ final class InvariantChecker: Sendable {
         var peakPerUser: Int
         var kills: [Kill]
         var failedSamples: Int
+        var reregistrations: Int
     }
 
     var summary: Summary {
@@ -236,7 +262,7 @@ final class InvariantChecker: Sendable {
             Summary(
                 samples: $0.samples, maxStaleAge: $0.maxStaleAge, maxStaleWhere: $0.maxStaleWhere, maxLostAge: $0.maxLostAge,
                 maxLostWhere: $0.maxLostWhere, maxOverAge: $0.maxOverAge, peakPerUser: $0.peakPerUser, kills: $0.kills,
-                failedSamples: $0.failedSamples)
+                failedSamples: $0.failedSamples, reregistrations: $0.reregistrations)
         }
     }
 }

@@ -133,7 +133,7 @@ public struct Scenario: Codable, Sendable, Equatable {
                 faults: [.init(at: 2, kind: .clockJump, for: 8, offset: 60), .init(at: 20, kind: .clockJump, for: 8, offset: -60)])
         case "all":
             return Scenario(
-                name: "all", duration: 150,
+                name: "all", duration: 175,
                 faults: [
                     .init(at: 2, kind: .kill, node: 1), .init(at: 17, kind: .restart, node: 1),
                     .init(at: 22, kind: .pause, node: 2, for: 8),
@@ -144,10 +144,27 @@ public struct Scenario: Codable, Sendable, Equatable {
                     .init(at: 92, kind: .redisFull, for: 6),
                     .init(at: 106, kind: .term, node: 2), .init(at: 112, kind: .restart, node: 2),
                     .init(at: 118, kind: .rollingRestart),
+                    .init(at: 140, kind: .clockJump, for: 6, offset: 60),
+                    .init(at: 155, kind: .clockJump, for: 6, offset: -60),
                 ])
         default:
             return nil
         }
+    }
+
+    /// The scenario played again and again (faults shifted by its duration each time) until `total` seconds.
+    public func repeated(until total: Double) -> Scenario {
+        guard total > duration else { return self }
+        var faults: [Fault] = []
+        var offset = 0.0
+        while offset < total {
+            for var fault in self.faults where fault.at + offset < total {
+                fault.at += offset
+                faults.append(fault)
+            }
+            offset += duration
+        }
+        return Scenario(name: "\(name) (repeated for \(Int(total)) s)", duration: total, faults: faults)
     }
 
     /// The names ``builtIn(_:)`` knows.

@@ -27,6 +27,7 @@ struct Chaos: AsyncParsableCommand {
     @Option(help: "Connection attempts per user (more than the limit: the rest are denied, and retried after a loss).") var attempts = 25
     @Option(help: "Every user's limit.") var limit = 20
     @Option(help: "Where report.json and timeline.svg go.") var results = "chaos-results"
+    @Option(help: "Play the scenario again and again for this long (e.g. 10m) instead of once.") var duration: DurationArgument?
     @Option(help: "The nodes' --on-lease-loss (keep or close).") var onLeaseLoss: String?
     @Option(help: "The nodes' --on-redis-down (local or reject).") var onRedisDown: String?
     @Option(help: "The nodes' --lease-renew-interval (lost entries must be back within it).") var leaseRenewInterval = DurationArgument(.seconds(10))
@@ -63,7 +64,9 @@ struct Chaos: AsyncParsableCommand {
         if let onLeaseLoss { arguments += ["--on-lease-loss", onLeaseLoss] }
         if let onRedisDown { arguments += ["--on-redis-down", onRedisDown] }
         fleet.nodeArguments = arguments + nodeArg
-        var configuration = ChaosConfiguration(fleet: fleet, scenario: try loadScenario())
+        var scenario = try loadScenario()
+        if let duration { scenario = scenario.repeated(until: Double(wholeMilliseconds(duration.duration)) / 1000) }
+        var configuration = ChaosConfiguration(fleet: fleet, scenario: scenario)
         configuration.users = users
         configuration.attempts = attempts
         configuration.renewInterval = Double(renewMilliseconds) / 1000

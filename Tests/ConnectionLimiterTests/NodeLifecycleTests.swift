@@ -164,3 +164,30 @@ struct NodeLifecycleTests {
         }
     }
 }
+
+@Suite("Jumps of Redis's clock, seen from heartbeat replies")
+struct ClockReadingTests {
+    let start = ContinuousClock.now
+
+    func reading(redis: Int64, sentAfter: Duration, roundTrip: Duration = .milliseconds(2)) -> ClockReading {
+        ClockReading(redisMilliseconds: redis, sent: start + sentAfter, received: start + sentAfter + roundTrip)
+    }
+
+    @Test("a second of heartbeats with Redis's clock moving a second is no jump, nor are slow round trips")
+    func noJump() {
+        let first = reading(redis: 1_000_000, sentAfter: .zero)
+        #expect(first.jump(to: reading(redis: 1_001_000, sentAfter: .seconds(1))) == nil)
+        // A reply that took 800 ms: Redis may have read its clock anywhere in it.
+        #expect(first.jump(to: reading(redis: 1_001_800, sentAfter: .seconds(1), roundTrip: .milliseconds(800))) == nil)
+        #expect(first.jump(to: reading(redis: 1_001_900, sentAfter: .seconds(1))) == nil)
+    }
+
+    @Test("Redis's clock 60 s ahead or behind after one real second is a jump of about that much, with its sign")
+    func jumps() throws {
+        let first = reading(redis: 1_000_000, sentAfter: .zero)
+        let forward = try #require(first.jump(to: reading(redis: 1_061_000, sentAfter: .seconds(1))))
+        #expect(forward > .seconds(59) && forward < .seconds(61))
+        let backward = try #require(first.jump(to: reading(redis: 941_000, sentAfter: .seconds(1))))
+        #expect(backward < .seconds(-59) && backward > .seconds(-61))
+    }
+}

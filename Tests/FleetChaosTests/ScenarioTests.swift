@@ -17,6 +17,16 @@ struct ScenarioTests {
         #expect(Scenario.builtIn("nope") == nil)
     }
 
+    @Test("--duration repeats the faults, shifted by the scenario's length, and keeps them within the run")
+    func repeated() throws {
+        let once = Scenario(name: "k", duration: 20, faults: [.init(at: 2, kind: .kill, node: 1), .init(at: 15, kind: .restart, node: 1)])
+        let again = once.repeated(until: 50)
+        #expect(again.duration == 50)
+        #expect(again.faults.map(\.at) == [2, 15, 22, 35, 42])
+        try again.validate(nodes: 3)
+        #expect(once.repeated(until: 10) == once)
+    }
+
     @Test("a scenario file: JSON with 1-based nodes, lengths in seconds, kinds by name")
     func decoding() throws {
         let text =
@@ -72,7 +82,8 @@ struct ScenarioTests {
         }
         return InvariantChecker.Summary(
             samples: samples, maxStaleAge: stale, maxStaleWhere: "u@1", maxLostAge: lost, maxLostWhere: "u@2", maxOverAge: over, peakPerUser: peak,
-            kills: [.init(slot: 0, node: "abc", at: 1, users: ["u"], entriesGoneAfter: gone, usersBackAfter: 9)], failedSamples: 0)
+            kills: [.init(slot: 0, node: "abc", at: 1, users: ["u"], entriesGoneAfter: gone, usersBackAfter: 9)], failedSamples: 0,
+            reregistrations: 0)
     }
 
     @Test("the checks: over-admission (none allowed without a fault that permits it), stale ≤ 30 s, lost, SIGKILL eviction ≤ 30 s")

@@ -4,7 +4,10 @@
 -- KEYS[1]  P:nodes   ZSET member <node>, score = node lease expiry (ms, Redis clock)
 -- ARGV[1]  node id
 -- ARGV[2]  node TTL in ms
--- ARGV[3]  "register" to add the node (a new incarnation), "beat" to extend an existing lease
+-- ARGV[3]  "register" to add the node (a new incarnation), "beat" to extend an existing lease, "revive" to extend it
+--          even if Redis's clock says it ran out, or put it back if the jump expired the registry key or a peer swept
+--          it: sent only by a node whose own monotonic clock says its lease is current, right after Redis's clock
+--          jumped forward (its renewal puts its entries back at once)
 --
 -- Returns {status, now, live, expired node ids…}: status 1 = lease extended (or registered), 0 = unknown node,
 -- -1 = lease expired; live = how many nodes hold a current lease (the local fallback's share of a limit is
@@ -18,7 +21,9 @@ if ARGV[3] == "register" then
   if redis.call('ZADD', nodes, 'NX', now + ttl, node) == 0 then status = 0 end
 else
   local score = redis.call('ZSCORE', nodes, node)
-  if not score then
+  if ARGV[3] == "revive" then
+    redis.call('ZADD', nodes, now + ttl, node)
+  elseif not score then
     status = 0
   elseif tonumber(score) <= now then
     status = -1
