@@ -158,8 +158,8 @@ public final class ChaosFleet: Sendable {
         try "\(seconds)\n".write(toFile: clockOffsetFile, atomically: true, encoding: .utf8)
     }
 
-    /// Stops everything: nodes drained (SIGTERM, SIGKILL after the drain deadline), proxies, Redis.
-    public func stop() async {
+    /// Drains every node still running (SIGTERM, SIGKILL after the drain deadline), proxies and Redis keep running.
+    public func drainNodes() async {
         let nodes = processes.withLock { nodes -> [GatewayProcess] in
             defer { nodes = nodes.map { _ in nil } }
             return nodes.compactMap { $0 }
@@ -168,6 +168,11 @@ public final class ChaosFleet: Sendable {
         await withTaskGroup(of: Void.self) { group in
             for node in nodes { group.addTask { _ = try? await node.terminate(timeout: .seconds(15)) } }
         }
+    }
+
+    /// Stops everything: nodes drained (SIGTERM, SIGKILL after the drain deadline), proxies, Redis.
+    public func stop() async {
+        await drainNodes()
         for proxy in proxies { await proxy?.stop() }
         redis.resume()
         await redis.stop()

@@ -58,6 +58,20 @@ public struct ChaosReport: Codable, Sendable {
     public var checks: [Check]
     public var samples: [ChaosSample]
 
+    /// After the nodes drained: connection entries left in Redis (nil: Redis could not be read) and keys with no TTL.
+    public var leftoverEntries: Int?
+    public var keysWithoutTTL: [String] = []
+
+    mutating func recordLeftovers(entries: Int?, keysWithoutTTL: [String]) {
+        leftoverEntries = entries
+        self.keysWithoutTTL = keysWithoutTTL
+        checks.append(
+            Check(
+                name: "nothing left in Redis", passed: entries == 0 && keysWithoutTTL.isEmpty,
+                detail: "after the drain: \(entries.map(String.init) ?? "unknown") connection entries, \(keysWithoutTTL.count) keys without a TTL"
+                    + (keysWithoutTTL.isEmpty ? "" : " (\(keysWithoutTTL.prefix(5).joined(separator: ", ")))")))
+    }
+
     /// Whether every check passed.
     public var passed: Bool { checks.allSatisfy(\.passed) }
 
@@ -118,6 +132,23 @@ public struct ChaosReport: Codable, Sendable {
                 Check(
                     name: "local-fallback bound", passed: summary.peakPerUser <= bound,
                     detail: "while nodes counted locally a user held at most \(summary.peakPerUser) (bound L + (N - 1)·⌈L/N⌉ = \(bound))"))
+        }
+        // A connect storm and a rolling restart free nothing wrongly: no user above the limit from the fault until the
+        // next one (a window that an earlier fault allowing an overshoot still covers is left out).
+        let ordered = scenario.faults.sorted { $0.at < $1.at }
+        for (index, fault) in ordered.enumerated() where [.storm, .rollingRestart].contains(fault.kind) {
+            let from = scenarioStart + fault.at
+            let until = index + 1 < ordered.count ? scenarioStart + ordered[index + 1].at : .infinity
+            let covered = ordered[..<index].contains { earlier in
+                [.partition, .pause, .redisStop, .redisRestart, .clockJump].contains(earlier.kind)
+                    && scenarioStart + earlier.at + (earlier.for ?? 0) + renew + 3 > from
+            }
+            guard !covered else { continue }
+            let peak = summary.samples.filter { $0.t >= from && $0.t < until }.map(\.maxPerUser).max() ?? 0
+            checks.append(
+                Check(
+                    name: "\(fault.kind.rawValue) at \(Int(fault.at)) s", passed: peak <= options.limit,
+                    detail: "no user above the limit until the next fault: most held \(peak) (limit \(options.limit))"))
         }
         checks.append(
             Check(

@@ -57,10 +57,7 @@ public struct ChaosRunner: Sendable {
             "fleet: redis-server at \(fleet.redis.address); \(fleet.ports.count) gateway nodes at ws://127.0.0.1:{\(fleet.ports.map(String.init).joined(separator: ","))}/ws"
         )
         do {
-            let report = try await withTaskCancellationHandler {
-                try await play(fleet)
-            } onCancel: {
-            }
+            let report = try await play(fleet)
             await Self.uncancelled { await fleet.stop() }
             return report
         } catch {
@@ -151,12 +148,43 @@ public struct ChaosRunner: Sendable {
             load.stop()
             let loadReport = try await loadRun.value
             let leftover = try? await limiter.nodes()
-            let report = ChaosReport(
+            var report = ChaosReport(
                 configuration: configuration, scenarioStart: zero, events: events.all, summary: summary, load: loadReport,
                 liveNodesAtEnd: leftover?.filter(\.isAlive).count)
             await configuration.finished(fleet, report)
+            // Nothing may stay behind: after the drain, no connection entry and no key without a TTL (the killed
+            // nodes' entries are swept by the others first; give it the node TTL and a little).
+            await Self.uncancelled { await fleet.drainNodes() }
+            let deadline = ContinuousClock.now + .seconds(30)
+            var left = try? await Self.leftovers(redis, prefix: options.keyPrefix)
+            while let current = left, current.entries > 0 || !current.keysWithoutTTL.isEmpty, ContinuousClock.now < deadline {
+                try await Task.sleep(for: .seconds(1))
+                left = try? await Self.leftovers(redis, prefix: options.keyPrefix)
+            }
+            report.recordLeftovers(entries: left?.entries, keysWithoutTTL: left?.keysWithoutTTL ?? [])
             return report
         }
+    }
+
+    /// What the fleet left under `prefix`: connection entries, and keys without a TTL (which would stay forever).
+    static func leftovers(_ redis: RedisClient, prefix: String) async throws -> (entries: Int, keysWithoutTTL: [String]) {
+        var cursor = "0"
+        var entries = 0
+        var forever: [String] = []
+        repeat {
+            let reply = try await redis.send("SCAN", cursor, "MATCH", "\(prefix):*", "COUNT", 1000)
+            guard let parts = reply.array, parts.count == 2, let next = parts[0].string else { break }
+            cursor = next
+            let keys = (parts[1].array ?? []).compactMap(\.string)
+            guard !keys.isEmpty else { continue }
+            let ttls = try await redis.pipeline(keys.map { RedisCommand("PTTL", $0) })
+            for (key, ttl) in zip(keys, ttls) where (try? ttl.get())?.int == -1 { forever.append(key) }
+            let conns = keys.filter { $0.hasSuffix(":conns") }
+            if !conns.isEmpty {
+                for count in try await redis.pipeline(conns.map { RedisCommand("ZCARD", $0) }) { entries += (try? count.get())?.int ?? 0 }
+            }
+        } while cursor != "0"
+        return (entries, forever)
     }
 
     private func perform(

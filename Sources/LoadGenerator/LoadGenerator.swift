@@ -136,6 +136,9 @@ public final class LoadGenerator: Sendable {
         /// The held connections, so a storm can close them all at once.
         var held: [ObjectIdentifier: (any EventLoop, LoadConnectionHandler)] = [:]
         var dropping = false
+        /// Sockets this generator may have open at once (the descriptor limit less a reserve); connecting ones count.
+        var descriptorBudget = Int.max
+        var sockets = 0
         var histogram = Histogram<UInt64>(highestTrackableValue: 120_000_000, numberOfSignificantValueDigits: .three)
         var connectStarted: ContinuousClock.Instant?
         var connectEnded: ContinuousClock.Instant?
@@ -193,7 +196,10 @@ public final class LoadGenerator: Sendable {
         guard !configuration.targets.isEmpty else { throw LoadGeneratorError("no gateway to connect to") }
         guard configuration.users > 0, configuration.attemptsPerUser > 0 else { throw LoadGeneratorError("users and attempts must be at least 1") }
         guard configuration.secret.utf8.count >= 32 else { throw LoadGeneratorError("the HS256 secret must be at least 32 bytes") }
-        Self.raiseFileLimit()
+        // Sockets beyond the process's descriptor limit would fail everything else in it (a pipe, a log file, a
+        // Redis reconnect); keep 1,024 descriptors for those, and count an attempt past the budget as failed.
+        let budget = max(64, Self.raiseFileLimit() - 1_024)
+        state.withLock { $0.descriptorBudget = budget }
         let tokens = try await Self.tokens(configuration)
         let started = ContinuousClock.now
         state.withLock { $0.connectStarted = started }
@@ -260,6 +266,16 @@ public final class LoadGenerator: Sendable {
             return (.failed("stopped"), false)
         }
         defer { if holdsSlot { gate.release() } }
+        let withinBudget = state.withLock { state -> Bool in
+            guard state.sockets < state.descriptorBudget else { return false }
+            state.sockets += 1
+            return true
+        }
+        guard withinBudget else {
+            record(.failed("no descriptor left for another socket (open-file limit); raise `ulimit -n`"), latency: nil)
+            return (.failed("descriptor budget"), true)
+        }
+        defer { state.withLock { $0.sockets -= 1 } }
         let eventLoop = group.next()
         let handler = LoadConnectionHandler(request: upgradeRequest(host: target.host, port: target.port, token: token), eventLoop: eventLoop)
         var bootstrap = ClientBootstrap(group: eventLoop)
@@ -374,11 +390,17 @@ public final class LoadGenerator: Sendable {
     }
 
     /// Raises this process's open-file limit to its hard maximum (a run holds a descriptor per connection).
-    static func raiseFileLimit() {
+    /// Raises the open-file limit to the hard limit; returns the soft limit now in force.
+    @discardableResult
+    static func raiseFileLimit() -> Int {
         var limit = rlimit()
-        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur < limit.rlim_max else { return }
-        limit.rlim_cur = limit.rlim_max
-        _ = setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return 1024 }
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max
+            _ = setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+            _ = getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+        }
+        return Int(clamping: limit.rlim_cur)
     }
 
     static func seconds(_ duration: Duration) -> Double {
