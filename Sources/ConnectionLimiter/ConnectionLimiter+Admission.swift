@@ -76,7 +76,13 @@ extension ConnectionLimiter {
         let entry = state.withLock { state -> Entry in
             // An earlier attempt with this id that timed out must not have its entry removed behind this one's back.
             state.orphans.removeValue(forKey: connection)
-            let route = state.life.admissionRoute
+            var route = state.life.admissionRoute
+            // Lost on this node's own clock (policy keep) while Redis answers (a slow heartbeat, or Redis said expired
+            // and the re-registration is on its way): Redis still decides — a local count cannot see the other
+            // nodes. Only a Redis that does not answer hands the admission to the onRedisDown policy.
+            if case .unregistered(let node) = route, state.life.phase == .lost, state.life.registered, !state.redisDown {
+                route = .redis(node: node)
+            }
             switch route {
             case .notRunning(let node):
                 return .refused(
