@@ -36,6 +36,9 @@ final class InvariantChecker: Sendable {
         var users: [String]
         var entriesGoneAfter: Double?
         var usersBackAfter: Double?
+        /// Whether one of its users has been seen below the limit since (the clients notice the closed sockets a
+        /// moment after the kill): "back" counts from then on.
+        var dipped = false
     }
 
     struct Excuse: Sendable {
@@ -225,7 +228,9 @@ final class InvariantChecker: Sendable {
                 {
                     kill.entriesGoneAfter = t - kill.at
                 }
-                if kill.usersBackAfter == nil, kill.users.allSatisfy({ (perUser[$0] ?? 0) >= limit }) {
+                if !kill.dipped {
+                    kill.dipped = kill.users.contains { (perUser[$0] ?? 0) < limit }
+                } else if kill.usersBackAfter == nil, kill.users.allSatisfy({ (perUser[$0] ?? 0) >= limit }) {
                     kill.usersBackAfter = t - kill.at
                 }
                 state.kills[index] = kill
