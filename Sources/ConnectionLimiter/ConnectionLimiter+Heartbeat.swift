@@ -111,7 +111,7 @@ extension ConnectionLimiter {
         nodeLogger(nodeID).warning(
             "Redis's clock jumped \(jump > .zero ? "forward" : "backward") by \(jump): sweeps suspended for a node TTL; \(consequence)",
             metadata: ["fleetgate.jump": "\(jump)"])
-        if jump > .zero { schedule(renewal: ()) }
+        if jump > .zero { scheduleRenewal() }
         return jump
     }
 

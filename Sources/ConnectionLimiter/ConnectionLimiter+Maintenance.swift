@@ -3,29 +3,26 @@ import Synchronization
 extension ConnectionLimiter {
     /// Hands the re-admission of this node's connections (after `previous` lost its lease) to the maintenance loop.
     func schedule(readmissionAfter previous: String) {
-        let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
-            state.pendingReadmission = previous
-            defer { state.maintenanceWaiter = nil }
-            return state.maintenanceWaiter
-        }
-        waiter?.resume()
+        wakeMaintenance { $0.pendingReadmission = previous }
     }
 
     /// Asks the maintenance loop for a renewal round now (after a forward jump of Redis's clock).
-    func schedule(renewal: Void) {
-        let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
-            state.pendingRenewal = true
-            defer { state.maintenanceWaiter = nil }
-            return state.maintenanceWaiter
-        }
-        waiter?.resume()
+    func scheduleRenewal() {
+        wakeMaintenance { $0.pendingRenewal = true }
     }
 
     /// Hands a sweep of dead nodes to the maintenance loop.
     func schedule(sweep nodes: Set<String>) {
-        let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+        wakeMaintenance { state in
             state.pendingSweep.formUnion(nodes)
             state.sweeping = true
+        }
+    }
+
+    /// Records work for the maintenance loop and wakes it if it is waiting.
+    private func wakeMaintenance(_ record: (inout State) -> Void) {
+        let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+            record(&state)
             defer { state.maintenanceWaiter = nil }
             return state.maintenanceWaiter
         }

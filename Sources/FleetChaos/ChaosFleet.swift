@@ -43,10 +43,10 @@ public final class ChaosFleet: Sendable {
     /// Per node slot: the port it listens on (kept across restarts, so clients find it again).
     public let ports: [Int]
     private let processes: Mutex<[GatewayProcess?]>
-    /// The file the clock-offset library reads (seconds to add to Redis's clock).
-    public let clockOffsetFile: String
+    /// The file the clock-offset library reads (seconds to add to Redis's clock); nil without the library.
+    public let clockOffsetFile: String?
 
-    private init(options: FleetOptions, redis: RedisServer, proxies: [TCPProxy?], nodes: [GatewayProcess], clockOffsetFile: String) {
+    private init(options: FleetOptions, redis: RedisServer, proxies: [TCPProxy?], nodes: [GatewayProcess], clockOffsetFile: String?) {
         self.options = options
         self.redis = redis
         self.proxies = proxies
@@ -64,11 +64,13 @@ public final class ChaosFleet: Sendable {
     /// Starts Redis (noeviction, as the README asks of production), the proxies and every node; stops what it started
     /// if one part fails.
     public static func start(_ options: FleetOptions) async throws -> ChaosFleet {
-        let offsetFile = try ProcessWatchdog.makeTemporaryDirectory(template: try ProcessWatchdog.rootDirectory() + "/clock-XXXXXX") + "/offset"
-        try "0\n".write(toFile: offsetFile, atomically: true, encoding: .utf8)
+        var offsetFile: String?
         var environment: [String: String] = [:]
         if let library = options.clockLibrary {
-            environment = ["LD_PRELOAD": library, "FLEETGATE_CLOCK_OFFSET_FILE": offsetFile]
+            let file = try ProcessWatchdog.makeTemporaryDirectory(template: try ProcessWatchdog.rootDirectory() + "/clock-XXXXXX") + "/offset"
+            try "0\n".write(toFile: file, atomically: true, encoding: .utf8)
+            environment = ["LD_PRELOAD": library, "FLEETGATE_CLOCK_OFFSET_FILE": file]
+            offsetFile = file
         }
         let redis = try await RedisServer.start(
             .init(persistence: options.persistence, extraArguments: ["--maxmemory-policy", "noeviction"], environment: environment))
@@ -155,6 +157,7 @@ public final class ChaosFleet: Sendable {
 
     /// Sets the clock offset redis-server sees (seconds, may be negative); needs ``FleetOptions/clockLibrary``.
     public func setRedisClockOffset(seconds: Double) throws {
+        guard let clockOffsetFile else { throw ChaosError("Redis's clock cannot move: the fleet was started without --clock-library") }
         try "\(seconds)\n".write(toFile: clockOffsetFile, atomically: true, encoding: .utf8)
     }
 
@@ -176,6 +179,6 @@ public final class ChaosFleet: Sendable {
         for proxy in proxies { await proxy?.stop() }
         redis.resume()
         await redis.stop()
-        try? FileManager.default.removeItem(atPath: (clockOffsetFile as NSString).deletingLastPathComponent)
+        if let clockOffsetFile { try? FileManager.default.removeItem(atPath: (clockOffsetFile as NSString).deletingLastPathComponent) }
     }
 }

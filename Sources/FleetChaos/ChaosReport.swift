@@ -72,6 +72,10 @@ public struct ChaosReport: Codable, Sendable {
                     + (keysWithoutTTL.isEmpty ? "" : " (\(keysWithoutTTL.prefix(5).joined(separator: ", ")))")))
     }
 
+    /// Faults after which the README allows a user above the limit for a while (the local fallback, a lease lost
+    /// while paused or cut off, Redis without its data or with a shifted clock).
+    static let overshootingFaults: Set<Scenario.Kind> = [.partition, .pause, .redisStop, .redisRestart, .clockJump]
+
     /// Whether every check passed.
     public var passed: Bool { checks.allSatisfy(\.passed) }
 
@@ -110,7 +114,7 @@ public struct ChaosReport: Codable, Sendable {
         let renew = configuration.renewInterval
         // Faults during which the README allows an overshoot (the local fallback, a lease lost while paused) for at
         // most one renewal interval after they end.
-        let overshootAllowed = scenario.faults.contains { [.partition, .pause, .redisStop, .redisRestart, .clockJump].contains($0.kind) }
+        let overshootAllowed = scenario.faults.contains { Self.overshootingFaults.contains($0.kind) }
         if overshootAllowed {
             checks.append(
                 Check(
@@ -140,7 +144,7 @@ public struct ChaosReport: Codable, Sendable {
             let from = scenarioStart + fault.at
             let until = index + 1 < ordered.count ? scenarioStart + ordered[index + 1].at : .infinity
             let covered = ordered[..<index].contains { earlier in
-                [.partition, .pause, .redisStop, .redisRestart, .clockJump].contains(earlier.kind)
+                Self.overshootingFaults.contains(earlier.kind)
                     && scenarioStart + earlier.at + (earlier.for ?? 0) + renew + 3 > from
             }
             guard !covered else { continue }

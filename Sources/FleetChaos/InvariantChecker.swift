@@ -60,7 +60,6 @@ final class InvariantChecker: Sendable {
         var kills: [Kill] = []
         var excuses: [Excuse] = []
         var failedSamples = 0
-        var lastAffected: [String] = []
         /// The live node id seen at each port, to notice re-registrations (a new incarnation on the same port).
         var nodeAtPort: [Int: String] = [:]
         var reregistrations = 0
