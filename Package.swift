@@ -206,6 +206,7 @@ let package = Package(
             dependencies: [
                 "fleetgate",
                 "TestSupport",
+                "LoadGenerator",
                 "RedisClient",
                 .product(name: "JWTKit", package: "jwt-kit"),
                 .product(name: "HummingbirdWSClient", package: "hummingbird-websocket"),

@@ -251,11 +251,18 @@ extension ConnectionLimiter {
         let arguments = [member, String(limit), String(leaseMilliseconds), policy ?? policyArgument, dryRunArgument, previous ?? ""] + dead
         let started = clock.now
         if index {
-            // Queued ahead of the script on the same connection: if it cannot be written, neither can the script. The
-            // TTL (as the heartbeat sets it) keeps an index written after the node's drain deleted it from staying.
-            try redis.sendWithoutReply(RedisCommand("SADD", strings: [keys.users(node), user.escaped]), timeout: configuration.admissionTimeout)
-            try redis.sendWithoutReply(
-                RedisCommand("PEXPIRE", keys.users(node), leaseMilliseconds + nodeTTLMilliseconds), timeout: configuration.admissionTimeout)
+            let add = RedisCommand("SADD", strings: [keys.users(node), user.escaped])
+            // The TTL (as the heartbeat sets it) keeps an index written after the node's drain deleted it from staying.
+            let expire = RedisCommand("PEXPIRE", keys.users(node), leaseMilliseconds + nodeTTLMilliseconds)
+            if redis.isCluster {
+                // The index and the user's keys live on different shards: only the index's reply proves it was
+                // written before the admission (a sweeper that finds the user there finds the entry too).
+                for reply in try await redis.pipeline([add, expire], timeout: configuration.admissionTimeout) { _ = try reply.get() }
+            } else {
+                // Queued ahead of the script on the same connection: if it cannot be written, neither can the script.
+                try redis.sendWithoutReply(add, timeout: configuration.admissionTimeout)
+                try redis.sendWithoutReply(expire, timeout: configuration.admissionTimeout)
+            }
         }
         let results = try await redis.pipeline(
             [.script(scripts.admit, keys: keys.userKeys(user), arguments: arguments)], timeout: configuration.admissionTimeout)

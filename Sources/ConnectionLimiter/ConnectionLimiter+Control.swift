@@ -4,7 +4,7 @@ import RedisClient
 import Synchronization
 
 extension ConnectionLimiter {
-    /// Listens on this node's control channel (`P:node:<node>:ctl`) for `verify`, `ack` and `kick`, and moves to the
+    /// Listens on this node's control channel (`P:{n:<node>}:ctl`) for `verify`, `ack` and `kick`, and moves to the
     /// new channel when the node re-registers.
     func controlLoop() async {
         while !Task.isCancelled {

@@ -119,19 +119,18 @@ extension ConnectionLimiter {
     /// Users whose live entries exceed their limit (an operator check; scans every user key).
     public func usersOverLimit(maximum: Int = 1000) async throws -> [UserOverLimit] {
         var found: [UserOverLimit] = []
-        var cursor = "0"
-        repeat {
-            let page = try await redis.send(RedisCommand("SCAN", cursor, "MATCH", keys.allConnsPattern, "COUNT", 1000))
-            cursor = page.array?.first?.string ?? "0"
-            let users = (page.array?.last?.array ?? []).compactMap(\.string).compactMap(keys.user(fromConnsKey:))
-            guard !users.isEmpty else { continue }
+        // On Redis Cluster the scan visits every primary.
+        try await redis.scan(matching: keys.allConnsPattern, count: 1000) { page in
+            guard found.count < maximum else { return }
+            let users = page.compactMap(keys.user(fromConnsKey:))
+            guard !users.isEmpty else { return }
             let replies = try await redis.pipeline(users.flatMap { [RedisCommand("ZCARD", keys.conns($0)), RedisCommand("GET", keys.limit($0))] })
             for (index, user) in users.enumerated() {
                 let count = (try? replies[index * 2].get().int) ?? 0
                 let limit = (try? replies[index * 2 + 1].get().int) ?? configuration.defaultLimit
                 if count > limit { found.append(UserOverLimit(user: user.rawValue, count: count, limit: limit)) }
             }
-        } while cursor != "0" && found.count < maximum
+        }
         return found
     }
 

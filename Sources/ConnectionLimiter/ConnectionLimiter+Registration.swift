@@ -27,7 +27,19 @@ extension ConnectionLimiter {
         let accepted = state.withLock { state -> (previous: String?, stale: RedisSubscription?, ready: Bool)? in
             guard state.life.acceptsRegistration else { return nil }
             let previous = state.life.registered(as: node, sentAt: sent)
-            state.deadNodes.formUnion(reply.strings(from: 3))
+            if previous == nil {
+                state.deadNodes.formUnion(reply.strings(from: 3))
+            } else {
+                // A new incarnation after a lost lease: whatever cut this node off from Redis (Redis stopped or
+                // restarted, a partition) most likely expired its peers too, and they are re-registering and
+                // re-admitting their sockets right now. Counting them dead would drop their live entries and let
+                // new connections in above the limit (seen in the chaos runner's big run after a Redis stop), so no
+                // node counts as dead for a node TTL and an interval; a node that really died meanwhile is swept
+                // that much later, within the 30 s promise.
+                let until = clock.now + configuration.heartbeat.nodeTTL + configuration.heartbeat.interval
+                state.sweepsSuspendedUntil = max(state.sweepsSuspendedUntil ?? until, until)
+                state.deadNodes = []
+            }
             state.liveNodes = max(1, reply.int(at: 2) ?? 1)
             let listening = state.listeningAs == node
             return (previous, listening ? nil : state.subscription, listening)

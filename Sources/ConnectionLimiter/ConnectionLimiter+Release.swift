@@ -40,7 +40,13 @@ extension ConnectionLimiter {
         // An admission of the same user may have sent its SADD before our SREM: put the user back if so, so the
         // sweeper still finds the user should this node die.
         if leavesIndex, state.withLock({ $0.table.hasConnections(of: user) }) {
-            _ = try? await redis.send(RedisCommand("SADD", keys.users(node), user.escaped), timeout: configuration.admissionTimeout)
+            // With its TTL: the SREM may have removed the index's last member, deleting the key, and a key made by a
+            // bare SADD would outlive this node (found by the chaos runner's leftovers check).
+            _ = try? await redis.pipeline(
+                [
+                    RedisCommand("SADD", keys.users(node), user.escaped),
+                    RedisCommand("PEXPIRE", keys.users(node), leaseMilliseconds + nodeTTLMilliseconds),
+                ], timeout: configuration.admissionTimeout)
         }
     }
 

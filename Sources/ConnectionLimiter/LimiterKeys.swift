@@ -12,9 +12,11 @@ struct LimiterKeys: Sendable {
 
     var nodes: String { "\(prefix):nodes" }
     var sweeper: String { "\(prefix):sweeper" }
-    func node(_ node: String) -> String { "\(prefix):node:\(node)" }
+    /// A node's keys share the hash tag `{n:<node>}`: its hash and its users index go in one `DEL` on Redis Cluster.
+    func node(_ node: String) -> String { "\(prefix):{n:\(node)}:info" }
     func users(_ node: String) -> String { "\(prefix):{n:\(node)}:users" }
-    func control(_ node: String) -> String { "\(prefix):node:\(node):ctl" }
+    /// The node's control channel; on Redis Cluster its slot is the node's (a sharded channel lives on that shard).
+    func control(_ node: String) -> String { "\(prefix):{n:\(node)}:ctl" }
 
     /// The pattern matching every user's connection set, for operator scans.
     var allConnsPattern: String { "\(prefix):{u:*}:conns" }

@@ -168,22 +168,16 @@ public struct ChaosRunner: Sendable {
 
     /// What the fleet left under `prefix`: connection entries, and keys without a TTL (which would stay forever).
     static func leftovers(_ redis: RedisClient, prefix: String) async throws -> (entries: Int, keysWithoutTTL: [String]) {
-        var cursor = "0"
         var entries = 0
         var forever: [String] = []
-        repeat {
-            let reply = try await redis.send("SCAN", cursor, "MATCH", "\(prefix):*", "COUNT", 1000)
-            guard let parts = reply.array, parts.count == 2, let next = parts[0].string else { break }
-            cursor = next
-            let keys = (parts[1].array ?? []).compactMap(\.string)
-            guard !keys.isEmpty else { continue }
+        try await redis.scan(matching: "\(prefix):*") { keys in
             let ttls = try await redis.pipeline(keys.map { RedisCommand("PTTL", $0) })
             for (key, ttl) in zip(keys, ttls) where (try? ttl.get())?.int == -1 { forever.append(key) }
             let conns = keys.filter { $0.hasSuffix(":conns") }
             if !conns.isEmpty {
                 for count in try await redis.pipeline(conns.map { RedisCommand("ZCARD", $0) }) { entries += (try? count.get())?.int ?? 0 }
             }
-        } while cursor != "0"
+        }
         return (entries, forever)
     }
 

@@ -412,16 +412,10 @@ public struct AdmitBenchRunner: Sendable {
 
     /// Members of every `<keyPrefix>:{u:*}:conns` set (SCAN + pipelined ZCARD).
     private func liveEntries(_ admin: RedisClient, keyPrefix: String) async throws -> Int {
-        var cursor = "0"
         var total = 0
-        repeat {
-            let reply = try await admin.send("SCAN", cursor, "MATCH", "\(keyPrefix):{u:*}:conns", "COUNT", 1000)
-            guard let parts = reply.array, parts.count == 2, let next = parts[0].string, let keys = parts[1].array else { break }
-            cursor = next
-            let names = keys.compactMap(\.string)
-            guard !names.isEmpty else { continue }
+        try await admin.scan(matching: "\(keyPrefix):{u:*}:conns") { names in
             for count in try await admin.pipeline(names.map { RedisCommand("ZCARD", $0) }) { total += try count.get().int ?? 0 }
-        } while cursor != "0"
+        }
         return total
     }
 

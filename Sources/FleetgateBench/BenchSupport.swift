@@ -89,15 +89,11 @@ extension RedisClient {
     /// Deletes every key matching `pattern` (SCAN + UNLINK, never FLUSHALL); returns how many were deleted.
     @discardableResult
     func unlinkKeys(matching pattern: String) async throws -> Int {
-        var cursor = "0"
         var deleted = 0
-        repeat {
-            let reply = try await send("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
-            guard let parts = reply.array, parts.count == 2, let next = parts[0].string, let keys = parts[1].array else { break }
-            cursor = next
-            let names = keys.compactMap(\.string)
-            if !names.isEmpty { deleted += try await send(RedisCommand("UNLINK", arguments: names)).int ?? 0 }
-        } while cursor != "0"
+        try await scan(matching: pattern) { names in
+            // One UNLINK per key: on Redis Cluster the keys of a page lie in many slots.
+            for reply in try await pipeline(names.map { RedisCommand("UNLINK", $0) }) { deleted += (try? reply.get().int) ?? 0 }
+        }
         return deleted
     }
 

@@ -309,14 +309,8 @@ public struct GatewayBenchRunner: Sendable {
 
     /// Every key under the prefix (SCAN), sorted.
     private func keys(_ admin: RedisClient, matching pattern: String? = nil) async throws -> [String] {
-        var cursor = "0"
         var names: [String] = []
-        repeat {
-            let reply = try await admin.send("SCAN", cursor, "MATCH", pattern ?? "\(prefix):*", "COUNT", 1000)
-            guard let parts = reply.array, parts.count == 2, let next = parts[0].string, let found = parts[1].array else { break }
-            cursor = next
-            names += found.compactMap(\.string)
-        } while cursor != "0"
+        try await admin.scan(matching: pattern ?? "\(prefix):*") { names += $0 }
         return names.sorted()
     }
 

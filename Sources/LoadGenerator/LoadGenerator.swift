@@ -314,10 +314,15 @@ public final class LoadGenerator: Sendable {
         }
         record(.admitted, latency: latency)
         opened(user: user, port: target.port, delta: 1)
+        // Counted closed on the event loop the moment the socket goes, not when this task next runs: on a loaded
+        // machine that can be much later, after the server released the entry and admitted another of the user's
+        // attempts, and the chaos runner's checker would count both sockets as held.
+        let gone = Once()
+        handler.closed.futureResult.whenComplete { _ in gone.run { self.opened(user: user, port: target.port, delta: -1) } }
         state.withLock { $0.held[ObjectIdentifier(handler)] = (eventLoop, handler) }
         defer {
             state.withLock { _ = $0.held.removeValue(forKey: ObjectIdentifier(handler)) }
-            opened(user: user, port: target.port, delta: -1)
+            gone.run { opened(user: user, port: target.port, delta: -1) }
         }
         if configuration.agentFlow {
             eventLoop.execute { handler.sendText(#"{"type":"run","prompt":"load"}"#) }
@@ -471,5 +476,14 @@ final class ConnectGate: Sendable {
             return state.waiters.removeFirst()
         }
         next?.resume()
+    }
+}
+
+/// Runs a body once, whichever caller comes first.
+private final class Once: Sendable {
+    private let done = Atomic<Bool>(false)
+
+    func run(_ body: () -> Void) {
+        if !done.exchange(true, ordering: .acquiringAndReleasing) { body() }
     }
 }

@@ -50,6 +50,16 @@ public final class GatewayProcess: Sendable, CustomStringConvertible {
         child.watcher.termination.map(Self.exitStatus)
     }
 
+    /// The process's resident set size in bytes (`VmRSS` of `/proc/<pid>/status`), or nil once it has exited.
+    public func residentBytes() -> Int? {
+        guard !hasExited, let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return nil }
+        guard let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }) else { return nil }
+        // "VmRSS:     12345 kB"
+        let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+        guard fields.count >= 2, let kilobytes = Int(fields[1]) else { return nil }
+        return kilobytes * 1024
+    }
+
     /// `"gateway node NAME at 127.0.0.1:PORT (pid N)"`.
     public var description: String {
         "gateway node \(nodeName) at \(host):\(port) (pid \(pid))"

@@ -35,7 +35,20 @@ public struct RedisClientConfiguration: Sendable {
         }
     }
 
-    /// The server's host name or IP address. Defaults to `127.0.0.1`.
+    /// A server's address: host name or IP address, and TCP port.
+    public struct Endpoint: Sendable, Hashable, CustomStringConvertible {
+        public var host: String
+        public var port: Int
+        /// Creates an endpoint.
+        public init(host: String, port: Int) {
+            self.host = host
+            self.port = port
+        }
+        /// `host:port`, IPv6 hosts in brackets.
+        public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+    }
+
+    /// The server's host name or IP address. Defaults to `127.0.0.1`. In cluster mode: the first seed's.
     public var host: String
     /// The server's TCP port. Defaults to 6379.
     public var port: Int
@@ -56,6 +69,13 @@ public struct RedisClientConfiguration: Sendable {
     public var clientName: String?
     /// The event loops the client's connections run on. Defaults to `MultiThreadedEventLoopGroup.singleton`.
     public var eventLoopGroup: any EventLoopGroup
+    /// Redis Cluster seed nodes: when not empty, the client runs in cluster mode. It reads the slot map from the
+    /// first seed that answers `CLUSTER SLOTS`, routes every command to the primary serving its key's slot, and
+    /// follows `MOVED` and `ASK`. Defaults to none (one server at ``host``:``port``).
+    public var clusterSeeds: [Endpoint] = []
+
+    /// Whether the client runs in Redis Cluster mode (``clusterSeeds`` is not empty).
+    public var isCluster: Bool { !clusterSeeds.isEmpty }
 
     /// The server address as `host:port` (IPv6 hosts in brackets), used in error messages.
     public var address: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
@@ -85,11 +105,17 @@ public struct RedisClientConfiguration: Sendable {
         self.eventLoopGroup = eventLoopGroup
     }
 
-    /// Creates a configuration from a URL `redis://[user:password@]host[:port][/db]`; options keep their defaults.
+    /// Creates a configuration from a URL `redis://[user:password@]host[:port][/db]`, or for Redis Cluster
+    /// `redis+cluster://[user:password@]host:port[,host:port…]` (seed nodes; database 0 only); options keep their
+    /// defaults.
     ///
     /// User and password may be percent-encoded. `rediss://` (TLS) is refused: hiredis 0.14 has no TLS.
     /// - Throws: ``RedisError`` with code ``RedisError/Code/invalidConfiguration`` naming what is wrong.
     public init(url: String) throws(RedisError) {
+        if url.lowercased().hasPrefix("redis+cluster://") {
+            try self.init(clusterURL: url)
+            return
+        }
         self.init()
         func invalid(_ why: String) -> RedisError {
             RedisError(code: .invalidConfiguration, message: "invalid Redis URL \"\(Self.redacted(url))\": \(why)")
@@ -98,7 +124,7 @@ public struct RedisClientConfiguration: Sendable {
         switch components.scheme?.lowercased() {
         case "redis": break
         case "rediss": throw invalid("TLS (rediss://) is not supported; use redis:// on a trusted network or a TLS tunnel")
-        case let other?: throw invalid("scheme must be redis://, not \(other)://")
+        case let other?: throw invalid("scheme must be redis:// or redis+cluster://, not \(other)://")
         case nil: throw invalid("missing scheme; expected redis://host:port")
         }
         guard let host = components.host, !host.isEmpty else { throw invalid("missing host") }
@@ -119,6 +145,56 @@ public struct RedisClientConfiguration: Sendable {
             database = db
         }
         if components.query != nil { throw invalid("query options are not supported; set them on the configuration") }
+    }
+
+    /// `redis+cluster://[user:password@]host:port[,host:port…][/0]`.
+    private init(clusterURL url: String) throws(RedisError) {
+        self.init()
+        func invalid(_ why: String) -> RedisError {
+            RedisError(code: .invalidConfiguration, message: "invalid Redis Cluster URL \"\(Self.redacted(url))\": \(why)")
+        }
+        var rest = url.dropFirst("redis+cluster://".count)
+        if let at = rest.lastIndex(of: "@") {
+            let credentials = rest[..<at]
+            rest = rest[rest.index(after: at)...]
+            let parts = credentials.split(separator: ":", maxSplits: 1, omittingEmptySubsequences: false)
+            if let user = parts.first, !user.isEmpty { username = String(user).removingPercentEncoding ?? String(user) }
+            if parts.count == 2 { password = String(parts[1]).removingPercentEncoding ?? String(parts[1]) }
+        }
+        if rest.contains("?") { throw invalid("query options are not supported; set them on the configuration") }
+        if let slash = rest.firstIndex(of: "/") {
+            let path = rest[rest.index(after: slash)...]
+            rest = rest[..<slash]
+            guard path.isEmpty || path == "0" else { throw invalid("Redis Cluster has only database 0, not \"\(path)\"") }
+        }
+        guard !rest.isEmpty else { throw invalid("missing host; expected redis+cluster://host:port[,host:port…]") }
+        var seeds: [Endpoint] = []
+        for seed in rest.split(separator: ",", omittingEmptySubsequences: false) {
+            guard !seed.isEmpty else { throw invalid("an empty seed address") }
+            let host: Substring
+            let portText: Substring?
+            if seed.hasPrefix("[") {
+                guard let close = seed.firstIndex(of: "]") else { throw invalid("unclosed [ in \"\(seed)\"") }
+                host = seed[seed.index(after: seed.startIndex)..<close]
+                let after = seed[seed.index(after: close)...]
+                portText = after.hasPrefix(":") ? after.dropFirst() : (after.isEmpty ? nil : after)
+            } else {
+                let parts = seed.split(separator: ":", maxSplits: 1, omittingEmptySubsequences: false)
+                host = parts[0]
+                portText = parts.count == 2 ? parts[1] : nil
+            }
+            guard !host.isEmpty else { throw invalid("missing host in \"\(seed)\"") }
+            var port = 6379
+            if let portText {
+                guard let number = Int(portText), (1...65535).contains(number) else { throw invalid("port \"\(portText)\" is not in 1-65535") }
+                port = number
+            }
+            seeds.append(Endpoint(host: String(host), port: port))
+        }
+        guard let first = seeds.first else { throw invalid("no seed address; expected redis+cluster://host:port[,host:port…]") }
+        clusterSeeds = seeds
+        host = first.host
+        port = first.port
     }
 
     /// The URL with any password replaced by `***`, safe for logs and errors.

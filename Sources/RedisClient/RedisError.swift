@@ -8,6 +8,7 @@ public struct RedisError: Error, Sendable, CustomStringConvertible {
         private enum Base: String, Hashable, Sendable {
             case connectionRefused, connectionLost, connectFailed, timeout, authenticationFailed, server, noScript, moved, ask, busy
             case loading, wrongType, protocolError, invalidArgument, invalidConfiguration, clientShutdown, cancelled
+            case crossSlot, tryAgain, clusterDown
         }
         private let base: Base
         private init(_ base: Base) { self.base = base }
@@ -34,6 +35,14 @@ public struct RedisError: Error, Sendable, CustomStringConvertible {
         public static let busy = Code(.busy)
         /// `LOADING`: the server is loading its data set.
         public static let loading = Code(.loading)
+        /// The keys of one command (or one script call) lie in different Redis Cluster slots. The client refuses
+        /// such a command before sending it (the server would answer `CROSSSLOT`); put the keys under one hash tag.
+        public static let crossSlot = Code(.crossSlot)
+        /// `TRYAGAIN`: a multi-key command during a slot migration; retried by the cluster client until its deadline.
+        public static let tryAgain = Code(.tryAgain)
+        /// `CLUSTERDOWN`: the cluster cannot serve the slot (a failover in progress, slots uncovered); retried by the
+        /// cluster client until its deadline.
+        public static let clusterDown = Code(.clusterDown)
         /// `WRONGTYPE`: the key holds a value of another type.
         public static let wrongType = Code(.wrongType)
         /// The server sent bytes that are not valid RESP; the connection is closed.
@@ -82,6 +91,9 @@ public struct RedisError: Error, Sendable, CustomStringConvertible {
         case "ASK": code = .ask
         case "BUSY": code = .busy
         case "LOADING": code = .loading
+        case "CROSSSLOT": code = .crossSlot
+        case "TRYAGAIN": code = .tryAgain
+        case "CLUSTERDOWN": code = .clusterDown
         case "WRONGTYPE": code = .wrongType
         case "WRONGPASS", "NOAUTH", "NOPERM": code = prefix == "NOPERM" ? .server : .authenticationFailed
         default: code = .server

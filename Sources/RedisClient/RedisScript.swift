@@ -46,7 +46,15 @@ extension RedisClient {
 
     /// `SCRIPT LOAD`: caches `script` on the server ahead of time; returns the server's SHA1.
     @discardableResult
+    ///
+    /// In cluster mode it is loaded on every primary (a failed-over primary's replica may not have it: ``eval(_:keys:arguments:timeout:)``
+    /// falls back to `EVAL` there); the first failure is thrown.
     public func load(_ script: RedisScript) async throws -> String {
-        try await send("SCRIPT", "LOAD", script.source).string ?? ""
+        guard isCluster else { return try await send("SCRIPT", "LOAD", script.source).string ?? "" }
+        var sha = ""
+        for (_, reply) in try await sendToEveryPrimary(RedisCommand("SCRIPT", "LOAD", script.source)) {
+            sha = try reply.get().string ?? sha
+        }
+        return sha
     }
 }

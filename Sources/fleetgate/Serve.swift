@@ -25,7 +25,10 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Port to listen on; 0 picks a free one (printed at start). [env: FLEETGATE_PORT] (default: 8080)") var port: Int?
 
     // Redis and the node
-    @Option(help: "Redis URL, redis://[user:password@]host[:port][/db]. [env: FLEETGATE_REDIS_URL] (default: redis://127.0.0.1:6379)")
+    @Option(
+        help:
+            "Redis URL, redis://[user:password@]host[:port][/db], or redis+cluster://host:port[,host:port…] for Redis Cluster. [env: FLEETGATE_REDIS_URL] (default: redis://127.0.0.1:6379)"
+    )
     var redis: String?
     @Option(help: "This node's name in Redis and logs. [env: FLEETGATE_NODE_NAME] (default: the host name)") var nodeName: String?
     @Option(help: "Prefix of every Redis key. [env: FLEETGATE_KEY_PREFIX] (default: fg)") var keyPrefix: String?

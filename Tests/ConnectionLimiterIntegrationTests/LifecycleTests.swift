@@ -35,7 +35,7 @@ struct LifecycleTests {
             #expect(elapsed < .seconds(30))
             // Its registry keys go in the sweep's next write, right after the entries.
             let keysGone = try await eventually(timeout: .seconds(5)) {
-                try await redis.send("EXISTS", "\(configuration.keyPrefix):node:\(victimID)").int == 0
+                try await redis.send("EXISTS", "\(configuration.keyPrefix):{n:\(victimID)}:info").int == 0
             }
             #expect(keysGone)
         }
@@ -103,7 +103,7 @@ struct LifecycleTests {
         try await withClient(server.url) { redis throws in
             #expect(try await redis.send("ZCARD", connsKey(configuration, "hank")).int == 0)
             #expect(try await redis.send("ZSCORE", "\(configuration.keyPrefix):nodes", id).isNull)
-            #expect(try await redis.send("EXISTS", "\(configuration.keyPrefix):node:\(id)").int == 0)
+            #expect(try await redis.send("EXISTS", "\(configuration.keyPrefix):{n:\(id)}:info").int == 0)
         }
     }
 }

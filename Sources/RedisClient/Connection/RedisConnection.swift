@@ -84,6 +84,24 @@ final class RedisConnection: Sendable {
         state.withLockedValue { ($0.queue.pendingCount, $0.queue.inflightCount) }
     }
 
+    /// Whether no connection is up and the last attempt to connect failed (requests would wait for a reconnect).
+    var isUnreachable: Bool {
+        state.withLockedValue { state in
+            if case .ready = state.phase { return false }
+            return state.lastConnectError != nil
+        }
+    }
+
+    /// Fails every request not written yet, while no connection is up (a cluster primary that failed over: they
+    /// go to its successor instead); requests already written keep waiting for their reply or deadline.
+    func failUnsent(with error: RedisError) {
+        let waiters = state.withLockedValue { state -> [Waiter] in
+            if case .ready = state.phase { return [] }
+            return state.queue.failPending()
+        }
+        Self.fail(waiters, with: error)
+    }
+
     // MARK: Requests
 
     /// Sends one command and waits for its reply; an error reply is thrown as a `RedisError`.

@@ -99,3 +99,27 @@ public struct RedisCommand: Sendable, Hashable {
         String(decoding: storage.prefix(lengths.first ?? 0), as: UTF8.self)
     }
 }
+
+extension RedisCommand {
+    /// The number of arguments after the command name.
+    var argumentCount: Int { max(0, lengths.count - 1) }
+
+    /// The bytes of argument `index` (0 is the first argument after the name).
+    func argument(_ index: Int) -> ArraySlice<UInt8> {
+        var start = lengths[0]
+        for length in lengths[1..<(index + 1)] { start += length }
+        return storage[start..<(start + lengths[index + 1])]
+    }
+
+    /// Every argument after the name, as byte slices.
+    var arguments: [ArraySlice<UInt8>] {
+        var result: [ArraySlice<UInt8>] = []
+        result.reserveCapacity(argumentCount)
+        var start = lengths.first ?? 0
+        for length in lengths.dropFirst() {
+            result.append(storage[start..<(start + length)])
+            start += length
+        }
+        return result
+    }
+}

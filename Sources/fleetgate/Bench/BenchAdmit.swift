@@ -71,6 +71,8 @@ struct BenchAdmit: AsyncParsableCommand {
     @Option(help: "Path of redis-benchmark (default: found on PATH).")
     var redisBenchmark: String?
 
+    @OptionGroup var figureOptions: FigureOptions
+
     func validate() throws {
         guard (1...1_000).contains(clients) else { throw ValidationError("--clients must be between 1 and 1000") }
         guard (1...1_000).contains(pipeline) else { throw ValidationError("--pipeline must be between 1 and 1000") }
@@ -97,6 +99,7 @@ struct BenchAdmit: AsyncParsableCommand {
         let runner = try makeRunner(redisBenchmarkPath: redisBenchmark ?? RedisBenchmarkTool.locate())
         let result = try await runner.run()
         print(runner.report(result))
+        try figureOptions.finish(result.figures)
     }
 
     /// The runner for these options (0 for either memory size skips the memory and CPU measurements).

@@ -59,6 +59,8 @@ struct BenchGateway: AsyncParsableCommand {
     @Option(help: "The client: minimal (one NIO channel handler, raw upgrade bytes) or hummingbird (HummingbirdWSClient).")
     var client: GatewayBenchClient = .minimal
 
+    @OptionGroup var figureOptions: FigureOptions
+
     func validate() throws {
         guard (1...10_000_000).contains(connections) else { throw ValidationError("--connections must be between 1 and 10000000") }
         guard (1...5_000).contains(concurrency) else { throw ValidationError("--concurrency must be between 1 and 5000") }
@@ -92,6 +94,7 @@ struct BenchGateway: AsyncParsableCommand {
         }
         print(runner.report(result))
         if let problem = result.problem { throw GatewayBenchRunner.Failure(description: problem) }
+        try figureOptions.finish(result.figures)
     }
 
     /// The runner for these options, launching `executable serve` for its nodes.

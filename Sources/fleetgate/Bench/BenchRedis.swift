@@ -40,6 +40,8 @@ struct BenchRedis: AsyncParsableCommand {
     @Option(help: "Path of redis-benchmark (default: found on PATH).")
     var redisBenchmark: String?
 
+    @OptionGroup var figureOptions: FigureOptions
+
     func validate() throws {
         guard clients >= 1, clients <= 10_000 else { throw ValidationError("--clients must be between 1 and 10000") }
         guard requests >= 1_000, requests <= 100_000_000 else { throw ValidationError("--requests must be between 1000 and 100000000") }
@@ -65,6 +67,7 @@ struct BenchRedis: AsyncParsableCommand {
         )
         let results = try await runner.run(command)
         print(RedisBenchRunner.report(results, clients: clients, pipeline: pipeline, requests: requests))
+        try figureOptions.finish(results.map(\.figure))
     }
 }
 
