@@ -112,7 +112,7 @@ extension ConnectionLimiter {
             group.addTask {
                 for owner in owners {
                     let receivers = try? await self.redis.send(
-                        RedisCommand("PUBLISH", self.keys.control(owner), "verify \(request) \(requester) \(user.escaped)"),
+                        self.redis.publishCommand("verify \(request) \(requester) \(user.escaped)", to: self.keys.control(owner)),
                         timeout: self.configuration.verifyTimeout)
                     // Nobody listens on that channel (a node that crashed before its lease ran out): no ack will come.
                     if receivers?.int == 0 { self.acknowledge(request: request, from: owner) }
@@ -175,7 +175,7 @@ extension ConnectionLimiter {
 
     /// Publishes a kick to its owner's control channel; whether a node received it.
     func publishKick(_ message: String, to owner: String) async -> Bool {
-        let receivers = try? await redis.send(RedisCommand("PUBLISH", keys.control(owner), message), timeout: configuration.admissionTimeout)
+        let receivers = try? await redis.send(redis.publishCommand(message, to: keys.control(owner)), timeout: configuration.admissionTimeout)
         return (receivers?.int ?? 0) > 0
     }
 

@@ -74,13 +74,21 @@ extension ChaosReport {
         series(samples.map { ($0.t, Double($0.overLimit)) }, y: bottomPanel.y, height: bottomPanel.height, maximum: bottomMaximum, color: "#d62728")
 
         // Events: vertical lines across both panels, labels staggered above the top panel.
-        for (index, event) in events.enumerated() {
+        var rowEnds = [Double](repeating: -.infinity, count: 6)
+        for event in events {
             let color = ["kill": "#d62728", "heal": "#2ca02c", "load": "#999", "end": "#999", "note": "#bbb"][event.kind] ?? "#ff7f0e"
             out.append(
                 ##"<line x1="\##(x(event.t))" y1="\##(topPanel.y)" x2="\##(x(event.t))" y2="\##(bottomPanel.y + bottomPanel.height)" stroke="\##(color)" stroke-dasharray="2 2"/>"##
             )
-            let labelY = 36 + Double(index % 6) * 11
-            out.append(##"<text x="\##(x(event.t) + 2)" y="\##(labelY)" fill="\##(color)">\##(Self.escape(event.label))</text>"##)
+            // A label goes in the first of the six rows where it does not run into the previous one; notes
+            // (re-registrations) and labels with no room keep only their line, so a long run stays readable.
+            guard event.kind != "note" || events.count <= 40 else { continue }
+            let start = x(event.t) + 2
+            let width = Double(event.label.count) * 6.2
+            guard let row = rowEnds.firstIndex(where: { $0 < start }) else { continue }
+            rowEnds[row] = start + width
+            let labelY = 36 + Double(row) * 11
+            out.append(##"<text x="\##(start)" y="\##(labelY)" fill="\##(color)">\##(Self.escape(event.label))</text>"##)
         }
         // Each SIGKILL: its entries gone (circle) and its users back at the limit (triangle), on the top panel's floor.
         for kill in kills {

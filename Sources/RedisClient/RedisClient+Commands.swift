@@ -28,9 +28,15 @@ extension RedisClient {
         try await send(RedisCommand("DEL", arguments: keys)).int ?? 0
     }
 
-    /// `PUBLISH channel message`; returns how many subscribers received it.
+    /// `PUBLISH channel message` (in cluster mode `SPUBLISH`, to the channel's shard); returns how many subscribers
+    /// received it.
     @discardableResult
     public func publish(_ message: some RESPArgumentConvertible, to channel: String) async throws -> Int {
-        try await send(RedisCommand("PUBLISH", channel, message)).int ?? 0
+        try await send(publishCommand(message, to: channel)).int ?? 0
+    }
+
+    /// The command ``publish(_:to:)`` sends: `PUBLISH`, or `SPUBLISH` in cluster mode; for pipelines.
+    public func publishCommand(_ message: some RESPArgumentConvertible, to channel: String) -> RedisCommand {
+        RedisCommand(isCluster ? "SPUBLISH" : "PUBLISH", channel, message)
     }
 }

@@ -36,6 +36,7 @@ struct Chaos: AsyncParsableCommand {
     @Option(help: "The clock-offset library for redis-server (LD_PRELOAD), needed by clock-jump faults; scripts/chaos builds it.")
     var clockLibrary: String?
     @Flag(help: "Print the report as JSON.") var json = false
+    @Option(help: "Run nothing: draw DIR/timeline.svg again from DIR/report.json (a report of an earlier run).") var redraw: String?
 
     func validate() throws {
         guard (2...16).contains(nodes) else { throw ValidationError("--nodes must be 2…16") }
@@ -75,6 +76,18 @@ struct Chaos: AsyncParsableCommand {
     }
 
     func run() async throws {
+        if let redraw {
+            let path = redraw + "/report.json"
+            let report: ChaosReport
+            do {
+                report = try JSONDecoder().decode(ChaosReport.self, from: Data(contentsOf: URL(fileURLWithPath: path)))
+            } catch {
+                throw ChaosError("cannot read the chaos report \(path): \(error)")
+            }
+            try Data(report.svg.utf8).write(to: URL(fileURLWithPath: redraw + "/timeline.svg"))
+            print("drawn: \(redraw)/timeline.svg")
+            return
+        }
         let runner = ChaosRunner(configuration: try makeConfiguration(executable: try GatewayBenchRunner.locateExecutable()))
         let report = try await Self.runInterruptibly { try await runner.run() }
         try FileManager.default.createDirectory(atPath: results, withIntermediateDirectories: true)

@@ -143,6 +143,51 @@ struct ClusterTests {
         }
     }
 
+    @Test("sharded pub/sub: messages on the channel's shard, and the subscription follows its slot through a migration and a failover")
+    func shardedPubSub() async throws {
+        try await RedisCluster.withCluster { cluster in
+            try await withClient(cluster.seedURL) { subscriber in
+                try await withClient(cluster.seedURL) { publisher in
+                    let channel = "{control}:node-1"
+                    let slot = HashSlot.of(channel)
+                    let subscription = try await subscriber.subscribe(to: [channel])
+                    var messages = subscription.makeAsyncIterator()
+                    // Published until one arrives (each publish names how many received it): after a move the
+                    // subscriber needs a moment to find the new shard.
+                    func deliver(_ text: String) async throws -> Bool {
+                        let started = ContinuousClock.now
+                        while started.duration(to: .now) < .seconds(15) {
+                            if try await publisher.publish(text, to: channel) == 1 { return true }
+                            try await Task.sleep(for: .milliseconds(100))
+                        }
+                        return false
+                    }
+                    #expect(try await deliver("one"))
+                    #expect(await messages.next().map { String(decoding: $0.payload, as: UTF8.self) } == "one")
+                    // Only the shard that owns the slot knows the subscriber: SPUBLISH on another primary is refused.
+                    let owner = try await cluster.primary(forSlot: slot)
+                    let other = try #require(try await cluster.primaries().first { $0.port != owner.port })
+                    #expect(try await other.cli("SPUBLISH", channel, "x").contains("MOVED"))
+
+                    // A migration: the server ends the subscription (sunsubscribe); the client re-subscribes there.
+                    try await cluster.migrateSlot(slot, to: other)
+                    #expect(try await deliver("two"))
+                    #expect(await messages.next().map { String(decoding: $0.payload, as: UTF8.self) } == "two")
+
+                    // A failover of the new owner: the promoted replica takes the subscription.
+                    let promoted = try await cluster.killPrimary(other)
+                    #expect(try await deliver("three"))
+                    #expect(await messages.next().map { String(decoding: $0.payload, as: UTF8.self) } == "three")
+                    #expect(try await cluster.primary(forSlot: slot).port == promoted.port)
+
+                    // Channels of one subscription must share a slot; patterns do not exist in sharded pub/sub.
+                    await #expect(throws: RedisError.self) { try await subscriber.subscribe(to: ["foo", "bar"]) }
+                    await #expect(throws: RedisError.self) { try await subscriber.subscribe(toPatterns: ["x*"]) }
+                }
+            }
+        }
+    }
+
     @Test("a primary killed with SIGKILL: its replica is promoted, commands resume within a bounded wait, NOSCRIPT is handled")
     func failover() async throws {
         try await RedisCluster.withCluster { cluster in

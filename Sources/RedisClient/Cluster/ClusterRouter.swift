@@ -23,9 +23,19 @@ final class ClusterRouter: Sendable {
     let configuration: RedisClientConfiguration
     let logger: Logger
     private let state = NIOLockedValueBox(State())
-    /// Connections opened at first use, handed to ``run()`` to be run in its task group.
-    private let launches: AsyncStream<RedisConnection>
-    private let launcher: AsyncStream<RedisConnection>.Continuation
+    /// Connections opened at first use (their run loops), handed to ``run()`` to be run in its task group.
+    private let launches: AsyncStream<@Sendable () async -> Void>
+    private let launcher: AsyncStream<@Sendable () async -> Void>.Continuation
+    /// Sharded pub/sub, set once by the client.
+    private let pubSubBox = NIOLockedValueBox<ClusterPubSub?>(nil)
+    var pubSub: ClusterPubSub {
+        pubSubBox.withLockedValue { box in
+            if let existing = box { return existing }
+            let created = ClusterPubSub(cluster: self)
+            box = created
+            return created
+        }
+    }
     /// Redirections (`MOVED`/`ASK`) one command may follow before it fails.
     static let maximumRedirections = 16
 
@@ -34,7 +44,7 @@ final class ClusterRouter: Sendable {
         var logger = logger
         logger[metadataKey: "redis.cluster"] = .string(configuration.clusterSeeds.map(\.description).joined(separator: ","))
         self.logger = logger
-        (launches, launcher) = AsyncStream.makeStream(of: RedisConnection.self)
+        (launches, launcher) = AsyncStream.makeStream(of: (@Sendable () async -> Void).self)
     }
 
     /// Runs every connection opened so far and later, and keeps the slot map current: at once, after a `MOVED`, and
@@ -42,11 +52,12 @@ final class ClusterRouter: Sendable {
     func run() async {
         await withDiscardingTaskGroup { group in
             group.addTask { await self.maintainMap() }
-            for await connection in launches {
-                group.addTask { await connection.run() }
+            for await body in launches {
+                group.addTask { await body() }
             }
             group.cancelAll()
         }
+        pubSubBox.withLockedValue { $0 }?.shutdown()
         let refresh = state.withLockedValue { state -> Task<Void, Never>? in
             state.shutdown = true
             return state.refresh
@@ -57,6 +68,11 @@ final class ClusterRouter: Sendable {
     /// Ends ``run()``.
     func shutdown() {
         launcher.finish()
+    }
+
+    /// Runs `body` in ``run()``'s task group (a connection's run loop).
+    func launch(_ body: @escaping @Sendable () async -> Void) {
+        launcher.yield(body)
     }
 
     private func maintainMap() async {
@@ -84,7 +100,7 @@ final class ClusterRouter: Sendable {
             state.connections[address] = connection
             return (connection, true)
         }
-        if new { launcher.yield(connection) }
+        if new { launcher.yield { await connection.run() } }
         return connection
     }
 
@@ -120,11 +136,11 @@ final class ClusterRouter: Sendable {
 
     /// Loads the slot map (`CLUSTER SLOTS`) from a primary that answers, else a seed. Concurrent callers share one
     /// refresh; a refresh less than 100 ms after the last one is skipped unless the map is empty.
-    func refresh() async {
+    func refresh(force: Bool = false) async {
         let task = state.withLockedValue { state -> Task<Void, Never>? in
             if state.shutdown { return nil }
             if let running = state.refresh { return running }
-            if let last = state.lastRefresh, !state.primaries.isEmpty, NIODeadline.now() - last < .milliseconds(100) { return nil }
+            if !force, let last = state.lastRefresh, !state.primaries.isEmpty, NIODeadline.now() - last < .milliseconds(100) { return nil }
             let task = Task { await self.loadMap() }
             state.refresh = task
             return task
@@ -215,6 +231,7 @@ final class ClusterRouter: Sendable {
                     code: .connectFailed, message: "not sent: \(connection.address) is no longer a primary of the cluster and cannot be reached",
                     address: connection.address))
         }
+        pubSubBox.withLockedValue { $0 }?.mapChanged()
         if before != map.primaries {
             let uncovered = map.owners.lazy.filter { $0 == nil }.count
             logger.info(
@@ -268,6 +285,7 @@ final class ClusterRouter: Sendable {
             if !state.primaries.contains(address) { state.primaries.append(address) }
             state.stale = true
         }
+        pubSubBox.withLockedValue { $0 }?.mapChanged()
         return address
     }
 

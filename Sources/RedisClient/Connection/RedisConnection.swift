@@ -69,14 +69,38 @@ final class RedisConnection: Sendable {
     private let state = NIOLockedValueBox(State())
     private let nextID = Atomic<UInt64>(0)
 
-    init(configuration: RedisClientConfiguration, mode: Mode, logger: Logger) {
+    /// Where each (re)connect goes when that can change (a cluster shard's pub/sub connection follows the slot's
+    /// primary); nil: always ``RedisClientConfiguration/host``:``RedisClientConfiguration/port``.
+    let endpoint: (@Sendable () -> RedisClientConfiguration.Endpoint?)?
+    private let stopped = Atomic<Bool>(false)
+
+    init(
+        configuration: RedisClientConfiguration, mode: Mode, logger: Logger, address: String? = nil,
+        endpoint: (@Sendable () -> RedisClientConfiguration.Endpoint?)? = nil
+    ) {
         self.configuration = configuration
         self.eventLoop = configuration.eventLoopGroup.next()
         self.mode = mode
-        self.address = configuration.address
+        self.address = address ?? configuration.address
+        self.endpoint = endpoint
         var logger = logger
-        logger[metadataKey: "redis.address"] = .string(configuration.address)
+        logger[metadataKey: "redis.address"] = .string(self.address)
         self.logger = logger
+    }
+
+    /// Closes the current connection so that ``run()`` connects again (to where ``endpoint`` says now).
+    func reconnect() {
+        let channel = state.withLockedValue { $0.phase.channel }
+        channel?.close(promise: nil)
+    }
+
+    /// Whether ``stop()`` was called.
+    var isStopped: Bool { stopped.load(ordering: .acquiring) }
+
+    /// Ends ``run()`` for good: the connection closes and is not opened again; waiting requests fail.
+    func stop() {
+        stopped.store(true, ordering: .releasing)
+        reconnect()
     }
 
     /// Requests waiting to be written and requests written and waiting for a reply (for tests and diagnostics).
@@ -404,7 +428,8 @@ final class RedisConnection: Sendable {
     private static func isPush(_ reply: RESPValue) -> Bool {
         guard case .array(let values) = reply, let first = values.first, case .bulkString(let kind) = first else { return false }
         switch String(decoding: kind, as: UTF8.self) {
-        case "message", "pmessage", "subscribe", "psubscribe", "unsubscribe", "punsubscribe": return true
+        case "message", "pmessage", "subscribe", "psubscribe", "unsubscribe", "punsubscribe", "smessage", "ssubscribe", "sunsubscribe":
+            return true
         default: return false
         }
     }
@@ -451,7 +476,7 @@ final class RedisConnection: Sendable {
     func run() async {
         var attempt = 0
         let stableAfter = Duration.seconds(1)
-        while !Task.isCancelled {
+        while !Task.isCancelled, !stopped.load(ordering: .acquiring) {
             state.withLockedValue { if case .idle = $0.phase { $0.phase = .connecting } }
             let channel: any Channel
             do {
@@ -555,7 +580,8 @@ final class RedisConnection: Sendable {
                     try channel.pipeline.syncOperations.addHandler(RedisReplyHandler(connection: self))
                 }
             }
-        let channel = try await bootstrap.connect(host: configuration.host, port: configuration.port).get()
+        let target = endpoint?() ?? .init(host: configuration.host, port: configuration.port)
+        let channel = try await bootstrap.connect(host: target.host, port: target.port).get()
         let accepted = state.withLockedValue { state -> Bool in
             if case .shutdown = state.phase { return false }
             state.phase = .handshaking(channel)

@@ -44,11 +44,20 @@ final class PubSubRouter: Sendable {
     private let connection = Mutex<RedisConnection?>(nil)
     let address: String
     let logger: Logger
+    /// Sharded pub/sub (Redis Cluster): `SSUBSCRIBE`/`SUNSUBSCRIBE`, `smessage` pushes, no patterns.
+    let sharded: Bool
+    /// Called when the server ends a sharded subscription nobody gave up (its slot moved to another shard).
+    let onMoved: (@Sendable () -> Void)?
 
-    init(address: String, logger: Logger) {
+    init(address: String, logger: Logger, sharded: Bool = false, onMoved: (@Sendable () -> Void)? = nil) {
         self.address = address
         self.logger = logger
+        self.sharded = sharded
+        self.onMoved = onMoved
     }
+
+    /// Whether no subscription listens here and none is being set up.
+    var isIdle: Bool { state.withLock { $0.subscribers.isEmpty } }
 
     /// (P)SUBSCRIBE commands written on the current connection and not fully answered yet; while there is one, an
     /// error reply is its answer.
@@ -109,7 +118,7 @@ final class PubSubRouter: Sendable {
             // Written under the lock, so (UN)SUBSCRIBEs of concurrent callers reach the server in the order in which
             // they changed the listeners.
             if let channel = state.channel, let connection, !newTopics.isEmpty {
-                Self.writeSubscribe(newTopics, on: channel, with: connection, state: &state)
+                writeSubscribe(newTopics, on: channel, with: connection, state: &state)
             }
             return (id, wake)
         }
@@ -184,7 +193,7 @@ final class PubSubRouter: Sendable {
                 }
             }
             if let channel = state.channel, let connection, !drop.isEmpty {
-                for command in Self.commands(for: drop, subscribe: false) { connection.write(command, to: channel) }
+                for command in Self.commands(for: drop, subscribe: false, sharded: sharded) { connection.write(command, to: channel) }
             }
             return (subscriber, state.confirmations.removeValue(forKey: id))
         }
@@ -201,7 +210,7 @@ final class PubSubRouter: Sendable {
             state.sent = []
             let topics = Array(state.listeners.keys)
             if let connection, !topics.isEmpty {
-                Self.writeSubscribe(topics, on: channel, with: connection, state: &state)
+                writeSubscribe(topics, on: channel, with: connection, state: &state)
             }
             return topics.count
         }
@@ -216,15 +225,21 @@ final class PubSubRouter: Sendable {
         }
         guard case .array(let values) = reply, values.count >= 3, let kind = values[0].string else { return }
         switch kind {
-        case "message":
+        case "message", "smessage":
             guard let channel = values[1].string, let payload = values[2].bytes else { return }
             deliver(RedisPubSubMessage(channel: channel, pattern: nil, payload: payload), to: Topic(name: channel, isPattern: false))
         case "pmessage":
             guard values.count >= 4, let pattern = values[1].string, let channel = values[2].string, let payload = values[3].bytes else { return }
             deliver(RedisPubSubMessage(channel: channel, pattern: pattern, payload: payload), to: Topic(name: pattern, isPattern: true))
-        case "subscribe", "psubscribe":
+        case "subscribe", "psubscribe", "ssubscribe":
             guard let name = values[1].string else { return }
             confirm(Topic(name: name, isPattern: kind == "psubscribe"))
+        case "sunsubscribe":
+            // Unasked for while someone listens: the channel's slot moved (a reshard, a failover); the cluster
+            // client finds the new shard and reconnects there, which subscribes again.
+            guard let name = values[1].string, state.withLock({ $0.listeners[Topic(name: name, isPattern: false)] != nil }) else { return }
+            logger.info("sharded subscription ended by the server (its slot moved)", metadata: ["redis.channel": "\(name)"])
+            onMoved?()
         default:
             break
         }
@@ -280,8 +295,8 @@ final class PubSubRouter: Sendable {
     }
 
     /// Writes the (P)SUBSCRIBE commands for `topics` and records them for ``refuse(_:)`` (under the state lock).
-    private static func writeSubscribe(_ topics: [Topic], on channel: any Channel, with connection: RedisConnection, state: inout State) {
-        for command in commands(for: topics, subscribe: true) {
+    private func writeSubscribe(_ topics: [Topic], on channel: any Channel, with connection: RedisConnection, state: inout State) {
+        for command in Self.commands(for: topics, subscribe: true, sharded: sharded) {
             let isPattern = command.name == "PSUBSCRIBE"
             let sent = topics.filter { $0.isPattern == isPattern }
             state.sent.append(SentSubscribe(topics: sent, unconfirmed: sent.count))
@@ -307,11 +322,12 @@ final class PubSubRouter: Sendable {
         for confirmation in confirmations { confirmation.continuation.resume(throwing: error) }
     }
 
-    private static func commands(for topics: [Topic], subscribe: Bool) -> [RedisCommand] {
+    private static func commands(for topics: [Topic], subscribe: Bool, sharded: Bool) -> [RedisCommand] {
         var commands: [RedisCommand] = []
         let channels = topics.filter { !$0.isPattern }.map(\.name)
         let patterns = topics.filter(\.isPattern).map(\.name)
-        if !channels.isEmpty { commands.append(RedisCommand(subscribe ? "SUBSCRIBE" : "UNSUBSCRIBE", arguments: channels)) }
+        let (on, off) = sharded ? ("SSUBSCRIBE", "SUNSUBSCRIBE") : ("SUBSCRIBE", "UNSUBSCRIBE")
+        if !channels.isEmpty { commands.append(RedisCommand(subscribe ? on : off, arguments: channels)) }
         if !patterns.isEmpty { commands.append(RedisCommand(subscribe ? "PSUBSCRIBE" : "PUNSUBSCRIBE", arguments: patterns)) }
         return commands
     }

@@ -70,13 +70,27 @@ public struct RedisSubscription: AsyncSequence, Sendable {
 extension RedisClient {
     /// Subscribes to `channels` and returns once the server confirmed every one of them.
     ///
+    /// In cluster mode this is sharded pub/sub (`SSUBSCRIBE` on the primary of the channels' slot, followed when the
+    /// slot moves); the channels of one call must then share a slot (else ``RedisError/Code/crossSlot``), and
+    /// messages come from ``publish(_:to:)`` (`SPUBLISH`).
     /// - Throws: ``RedisError`` with ``RedisError/Code/timeout`` when no confirmation came within the command timeout.
     public func subscribe(to channels: [String], timeout: Duration? = nil) async throws -> RedisSubscription {
-        try await pubSub.subscribe(channels: channels, patterns: [], deadline: deadline(timeout), timeout: timeout ?? configuration.commandTimeout)
+        if let cluster {
+            return try await cluster.pubSub.subscribe(
+                channels: channels, deadline: deadline(timeout), timeout: timeout ?? configuration.commandTimeout)
+        }
+        return try await pubSub.subscribe(
+            channels: channels, patterns: [], deadline: deadline(timeout), timeout: timeout ?? configuration.commandTimeout)
     }
 
     /// Subscribes to glob-style `patterns` (`PSUBSCRIBE`) and returns once the server confirmed every one of them.
+    /// Not in cluster mode (sharded pub/sub has no patterns): ``RedisError/Code/invalidArgument``.
     public func subscribe(toPatterns patterns: [String], timeout: Duration? = nil) async throws -> RedisSubscription {
-        try await pubSub.subscribe(channels: [], patterns: patterns, deadline: deadline(timeout), timeout: timeout ?? configuration.commandTimeout)
+        if isCluster {
+            throw RedisError(
+                code: .invalidArgument, message: "pattern subscriptions are not available in Redis Cluster mode (sharded pub/sub has no patterns)")
+        }
+        return try await pubSub.subscribe(
+            channels: [], patterns: patterns, deadline: deadline(timeout), timeout: timeout ?? configuration.commandTimeout)
     }
 }
