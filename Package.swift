@@ -124,6 +124,7 @@ let package = Package(
                 "ChildProcesses",
                 "ConnectionLimiter",
                 "LoadGenerator",
+                "LocalFleet",
                 "RedisClient",
                 .product(name: "HTTPTypes", package: "swift-http-types"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),

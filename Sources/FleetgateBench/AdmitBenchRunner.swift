@@ -121,7 +121,7 @@ public struct AdmitBenchRunner: Sendable {
         self.admitScript = admitScript
     }
 
-    private var logger: Logger {
+    var logger: Logger {
         var logger = Logger(label: "fleetgate.bench")
         logger.logLevel = .warning
         return logger
@@ -238,7 +238,7 @@ public struct AdmitBenchRunner: Sendable {
         ]
     }
 
-    private func nodeConfiguration(keyPrefix: String, limit: Int, renewInterval: Duration) -> LimiterConfiguration {
+    func nodeConfiguration(keyPrefix: String, limit: Int, renewInterval: Duration) -> LimiterConfiguration {
         var configuration = LimiterConfiguration(nodeName: "fleetgate-bench")
         configuration.keyPrefix = keyPrefix
         configuration.defaultLimit = limit
@@ -252,7 +252,7 @@ public struct AdmitBenchRunner: Sendable {
 
     /// Starts a limiter node (`run()` in a task group), waits until it is registered, runs `body` with it and the
     /// instant it started, then shuts it down gracefully (releasing every entry) and waits for that.
-    private func withNode<T: Sendable>(
+    func withNode<T: Sendable>(
         _ redis: RedisClient,
         admin: RedisClient,
         configuration nodeConfiguration: LimiterConfiguration,
@@ -286,7 +286,7 @@ public struct AdmitBenchRunner: Sendable {
     }
 
     /// `count` admissions of random users (connection ids `base…`), from `tasks` concurrent callers; nothing released.
-    private func admitRandomUsers(_ limiter: ConnectionLimiter, tasks: Int, count: Int, base: Int, denied: Counter) async throws -> Measurement {
+    func admitRandomUsers(_ limiter: ConnectionLimiter, tasks: Int, count: Int, base: Int, denied: Counter) async throws -> Measurement {
         let users = users
         return try await measureConcurrently(tasks: tasks, requests: count) { task, done, _, generator in
             let user = (Int.random(in: 0..<users, using: &generator) + base) % users

@@ -42,6 +42,6 @@ struct Fleetgate: AsyncParsableCommand {
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks, each next to a reference measured in the same run.",
-        subcommands: [BenchRedis.self, BenchAdmit.self, BenchGateway.self]
+        subcommands: [BenchRedis.self, BenchAdmit.self, BenchGateway.self, BenchCluster.self]
     )
 }

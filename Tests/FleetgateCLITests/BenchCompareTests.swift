@@ -82,7 +82,10 @@ struct BenchCompareTests {
     func repositoryFigures() throws {
         let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
         let recorded = try RecordedFigures.load(from: root.appendingPathComponent("docs/bench-figures.json").path)
-        var names = ["admit.throughput-ratio", "admit.bytes-per-connection", "gateway.ratio", "gateway.cpu-ratio"]
+        var names = [
+            "admit.throughput-ratio", "admit.bytes-per-connection", "gateway.ratio", "gateway.cpu-ratio", "cluster.routing-ratio",
+            "cluster.scaling-ratio",
+        ]
         for workload in RedisBenchWorkload.allCases {
             for mode in RedisBenchMode.allCases { names.append("redis.\(workload.rawValue).\(mode.rawValue)-ratio") }
         }

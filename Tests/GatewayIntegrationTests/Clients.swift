@@ -120,6 +120,7 @@ final class RawSocket: Sendable {
     }
 
     let descriptor: Int32
+    private let closed = Atomic<Bool>(false)
 
     private init(descriptor: Int32) { self.descriptor = descriptor }
 
@@ -172,10 +173,16 @@ final class RawSocket: Sendable {
         return try result.get()
     }
 
-    func close() { Glibc.close(descriptor) }
+    /// Closes the socket, once: a second close would close whatever descriptor the process got under that number
+    /// since (another test's NIO socket: NIO then meets a descriptor it still has registered and traps).
+    func close() {
+        guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        Glibc.close(descriptor)
+    }
 
     /// Closes with a TCP reset (SO_LINGER 0): the peer's next read or write fails, as when a client vanishes.
     func reset() {
+        guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
         _ = setsockopt(descriptor, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<Glibc.linger>.size))
         Glibc.close(descriptor)

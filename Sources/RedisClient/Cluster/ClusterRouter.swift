@@ -403,6 +403,14 @@ final class ClusterRouter: Sendable {
     /// caller's order. Elements answered with a redirection or `TRYAGAIN` are sent again one by one; a command
     /// whose keys span slots fails alone. A part whose connection fails fails the whole call (thrown).
     func pipeline(_ commands: [RedisCommand], deadline: NIODeadline) async throws -> [Result<RESPValue, RedisError>] {
+        if commands.count == 1 {
+            // One command (an admission): the plain path, without a task group; an error reply stays a result.
+            do {
+                return [.success(try await send(commands[0], deadline: deadline))]
+            } catch let error as RedisError where error.serverErrorPrefix != nil || error.code == .crossSlot {
+                return [.failure(error)]
+            }
+        }
         var results = [Result<RESPValue, RedisError>?](repeating: nil, count: commands.count)
         var parts: [String: [Int]] = [:]
         var order: [String] = []
