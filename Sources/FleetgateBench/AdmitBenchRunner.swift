@@ -129,6 +129,12 @@ public struct AdmitBenchRunner: Sendable {
 
     /// Runs the three measurements and cleans up; throws ``Failure`` (after cleaning up) when one cannot run.
     public func run() async throws -> AdmitBenchResult {
+        try await withClients { admin, redis in try await measure(admin: admin, redis: redis) }
+    }
+
+    /// Runs `body` with two running clients (one for inspection, one for the limiter node) and deletes every key
+    /// under ``prefix`` afterwards, also when `body` throws.
+    func withClients<T: Sendable>(_ body: (_ admin: RedisClient, _ redis: RedisClient) async throws -> T) async throws -> T {
         let admin = RedisClient(configuration: configuration, logger: logger)
         let redis = RedisClient(configuration: configuration, logger: logger)
         return try await withThrowingTaskGroup(of: Void.self) { group in
@@ -137,7 +143,7 @@ public struct AdmitBenchRunner: Sendable {
             defer { group.cancelAll() }
             _ = try await admin.ping()
             do {
-                let result = try await measure(admin: admin, redis: redis)
+                let result = try await body(admin, redis)
                 try await admin.unlinkKeys(matching: "\(prefix):*")
                 return result
             } catch {

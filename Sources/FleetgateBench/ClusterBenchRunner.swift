@@ -172,32 +172,20 @@ extension AdmitBenchRunner {
     /// The limiter's part of measurement 1 alone (no redis-benchmark, no memory or upkeep): a fresh node, a warm-up
     /// of a tenth, `requests` admissions of random users; the keys per primary right after; everything deleted.
     func limiterThroughput() async throws -> (measurement: Measurement, denied: Int, keys: [(address: String, keys: Int)]) {
-        let admin = RedisClient(configuration: configuration, logger: logger)
-        let redis = RedisClient(configuration: configuration, logger: logger)
-        return try await withThrowingTaskGroup(of: Void.self) { group in
-            group.addTask { try await admin.run() }
-            group.addTask { try await redis.run() }
-            defer { group.cancelAll() }
-            _ = try await admin.ping()
+        try await withClients { admin, redis in
             let node = nodeConfiguration(keyPrefix: "\(prefix):a", limit: limit, renewInterval: .seconds(15))
-            do {
-                let (result, _) = try await withNode(redis, admin: admin, configuration: node) { limiter, _ in
-                    let tasks = clients * pipeline
-                    _ = try await admitRandomUsers(limiter, tasks: tasks, count: max(1_000, requests / 10), base: 0, denied: Counter())
-                    let denied = Counter()
-                    let measured = try await admitRandomUsers(limiter, tasks: tasks, count: requests, base: requests, denied: denied)
-                    var keys: [(address: String, keys: Int)] = []
-                    for (address, reply) in try await admin.sendToEveryPrimary(RedisCommand("DBSIZE")) {
-                        keys.append((address, (try? reply.get().int) ?? 0))
-                    }
-                    return (measured, denied.value, keys)
+            let (result, _) = try await withNode(redis, admin: admin, configuration: node) { limiter, _ in
+                let tasks = clients * pipeline
+                _ = try await admitRandomUsers(limiter, tasks: tasks, count: max(1_000, requests / 10), base: 0, denied: Counter())
+                let denied = Counter()
+                let measured = try await admitRandomUsers(limiter, tasks: tasks, count: requests, base: requests, denied: denied)
+                var keys: [(address: String, keys: Int)] = []
+                for (address, reply) in try await admin.sendToEveryPrimary(RedisCommand("DBSIZE")) {
+                    keys.append((address, (try? reply.get().int) ?? 0))
                 }
-                try await admin.unlinkKeys(matching: "\(prefix):*")
-                return result
-            } catch {
-                _ = try? await admin.unlinkKeys(matching: "\(prefix):*")
-                throw error
+                return (measured, denied.value, keys)
             }
+            return result
         }
     }
 }

@@ -96,24 +96,12 @@ struct BenchAdmitTests {
     @Test("the built binary measures throughput, memory and upkeep, leaving no keys behind", .timeLimit(.minutes(1)))
     func runsBinary() async throws {
         try await RedisServer.withServer { server throws in
-            let binary = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("fleetgate")
-            let process = Process()
-            process.executableURL = binary
-            process.arguments = [
+            let run = try await runFleetgate([
                 "bench", "admit", "--url", server.url, "--clients", "2", "--pipeline", "4", "--requests", "2000", "--users", "500",
                 "--limit", "100", "--memory-users", "200", "--memory-connections-per-user", "2", "--renew-interval", "1",
-            ]
-            // Launched through TestSupport, so no other child of this test process can hold its pipes open.
-            let (output, errors) = try ChildProcess.runCapturingOutput(process)
-            // Off the concurrency pool: these block for the whole run, and a blocked cooperative thread is one of only
-            // as many as there are cores, shared by every test of this process.
-            let (text, errorText) = await BlockingWork.run {
-                let text = String(decoding: output.readDataToEndOfFile(), as: UTF8.self)
-                let errorText = String(decoding: errors?.readDataToEndOfFile() ?? Data(), as: UTF8.self)
-                process.waitUntilExit()
-                return (text, errorText)
-            }
-            #expect(process.terminationStatus == 0, "\(text)\n\(errorText)")
+            ])
+            let text = run.output
+            #expect(run.status == 0, "\(text)\n\(run.errors)")
             let lines = text.split(whereSeparator: \.isNewline).map { $0.trimmingCharacters(in: .whitespaces) }
 
             func firstNumber(after label: String) -> Double? {

@@ -21,18 +21,10 @@ struct BenchClusterTests {
 
     @Test("the built binary measures 1 server, a 1-primary and a 3-primary cluster, with keys on every primary", .timeLimit(.minutes(2)))
     func runsBinary() async throws {
-        let binary = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("fleetgate")
-        let process = Process()
-        process.executableURL = binary
-        process.arguments = ["bench", "cluster", "--requests", "2000", "--users", "500", "--rounds", "1", "--clients", "2", "--pipeline", "4"]
-        let (output, errors) = try ChildProcess.runCapturingOutput(process)
-        let (text, errorText) = await BlockingWork.run {
-            let text = String(decoding: output.readDataToEndOfFile(), as: UTF8.self)
-            let errorText = String(decoding: errors?.readDataToEndOfFile() ?? Data(), as: UTF8.self)
-            process.waitUntilExit()
-            return (text, errorText)
-        }
-        #expect(process.terminationStatus == 0, "\(text)\n\(errorText)")
+        let run = try await runFleetgate(
+            ["bench", "cluster", "--requests", "2000", "--users", "500", "--rounds", "1", "--clients", "2", "--pipeline", "4"])
+        let text = run.output
+        #expect(run.status == 0, "\(text)\n\(run.errors)")
         for target in ["1 server (redis://)", "cluster, 1 primary", "cluster, 3 primaries"] {
             #expect(text.contains(target), "no run on \(target):\n\(text)")
         }

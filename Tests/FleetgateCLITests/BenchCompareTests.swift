@@ -95,18 +95,9 @@ struct BenchCompareTests {
 
     /// Runs the built binary's `bench redis` (SET, explicit pipelining, 2,000 requests) with `extra` arguments.
     private func benchRedis(_ server: RedisServer, _ extra: [String]) async throws -> (status: Int32, output: String) {
-        let binary = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("fleetgate")
-        let process = Process()
-        process.executableURL = binary
-        process.arguments = ["bench", "redis", "--url", server.url, "--command", "set", "--mode", "explicit", "--requests", "2000"] + extra
-        let (output, errors) = try ChildProcess.runCapturingOutput(process)
-        let text = await BlockingWork.run {
-            let text = String(decoding: output.readDataToEndOfFile(), as: UTF8.self)
-            let errorText = String(decoding: errors?.readDataToEndOfFile() ?? Data(), as: UTF8.self)
-            process.waitUntilExit()
-            return text + errorText
-        }
-        return (process.terminationStatus, text)
+        let run = try await runFleetgate(
+            ["bench", "redis", "--url", server.url, "--command", "set", "--mode", "explicit", "--requests", "2000"] + extra)
+        return (run.status, run.output + run.errors)
     }
 
     @Test("the built binary records its figures, then flags a recorded figure it falls short of and passes one it beats", .timeLimit(.minutes(2)))
