@@ -105,18 +105,11 @@ final class ClusterPubSub: Sendable {
         return shard
     }
 
-    /// Runs a shard's connection, with a keepalive `PING` every command timeout (a half-open link would otherwise
-    /// leave the subscription silently dead).
+    /// Runs a shard's connection with its keepalive.
     private func run(_ shard: Shard) async {
         await withDiscardingTaskGroup { group in
             group.addTask { await shard.connection.run() }
-            group.addTask {
-                let interval = max(self.cluster.configuration.commandTimeout, .seconds(1))
-                while !shard.connection.isStopped {
-                    do { try await Task.sleep(for: interval) } catch { return }
-                    _ = try? await shard.connection.send(RedisCommand("PING"), deadline: .now() + TimeAmount(interval))
-                }
-            }
+            group.addTask { await shard.connection.keepAlive() }
         }
     }
 
