@@ -102,12 +102,8 @@ extension RedisClient {
 
     /// Loads every limiter script (after a registration: a fresh Redis has an empty script cache); on Redis Cluster
     /// on every primary (``RedisClient/load(_:)``), not only the one a keyless `SCRIPT LOAD` would reach.
-    /// All at once, so on one server they leave in one write (one round trip, as the registration that waits for
-    /// them needs: it must finish within the node TTL).
     func load(_ scripts: LimiterScripts) async throws {
-        try await withThrowingDiscardingTaskGroup { group in
-            for script in scripts.all { group.addTask { _ = try await self.load(script) } }
-        }
+        for script in scripts.all { try await load(script) }
     }
 }
 
