@@ -10,9 +10,8 @@ struct LimiterScripts: Sendable {
     let heartbeat: RedisScript
     let sweeperLock: RedisScript
     let kick: RedisScript
-    let registry: RedisScript
 
-    var all: [RedisScript] { [admit, release, renew, purge, heartbeat, sweeperLock, kick, registry] }
+    var all: [RedisScript] { [admit, release, renew, purge, heartbeat, sweeperLock, kick] }
 
     static let shared: LimiterScripts = {
         func load(_ name: String) -> RedisScript {
@@ -31,8 +30,7 @@ struct LimiterScripts: Sendable {
             purge: load("purge"),
             heartbeat: load("heartbeat"),
             sweeperLock: load("sweeper-lock"),
-            kick: load("kick"),
-            registry: load("registry")
+            kick: load("kick")
         )
     }()
 }
@@ -40,7 +38,7 @@ struct LimiterScripts: Sendable {
 extension ConnectionLimiter {
     /// The limiter's Lua scripts (each file under `Scripts/` documents its keys, arguments and reply).
     public enum Script: String, CaseIterable, Sendable {
-        case admit, release, renew, purge, heartbeat, kick, registry
+        case admit, release, renew, purge, heartbeat, kick
         case sweeperLock = "sweeper-lock"
     }
 
@@ -56,7 +54,6 @@ extension ConnectionLimiter {
         case .heartbeat: return scripts.heartbeat.source
         case .kick: return scripts.kick.source
         case .sweeperLock: return scripts.sweeperLock.source
-        case .registry: return scripts.registry.source
         }
     }
 }
@@ -100,10 +97,9 @@ extension RedisClient {
         return results
     }
 
-    /// Loads every limiter script (after a registration: a fresh Redis has an empty script cache); on Redis Cluster
-    /// on every primary (``RedisClient/load(_:)``), not only the one a keyless `SCRIPT LOAD` would reach.
+    /// Loads every limiter script (after a registration: a fresh Redis has an empty script cache).
     func load(_ scripts: LimiterScripts) async throws {
-        for script in scripts.all { try await load(script) }
+        _ = try await pipeline(scripts.all.map { RedisCommand("SCRIPT", "LOAD", $0.source) })
     }
 }
 

@@ -75,7 +75,8 @@ struct ClusterTests {
                 let key = "{moving}:a"
                 let slot = HashSlot.of(key)
                 try await client.set(key, to: "before")
-                let (_, target) = try await sourceAndTarget(of: slot, in: cluster)
+                let source = try await cluster.primary(forSlot: slot)
+                let target = try #require(try await cluster.primaries().first { $0.port != source.port })
                 try await cluster.migrateSlot(slot, to: target)
                 // The client's map still names the source: it gets MOVED and follows it.
                 #expect(try await client.get(key)?.string == "before")
@@ -123,7 +124,8 @@ struct ClusterTests {
                 let old = "{asking}:old"
                 let slot = HashSlot.of(old)
                 try await client.set(old, to: "on the source")
-                let (source, target) = try await sourceAndTarget(of: slot, in: cluster)
+                let source = try await cluster.primary(forSlot: slot)
+                let target = try #require(try await cluster.primaries().first { $0.port != source.port })
                 try await cluster.beginMigration(slot: slot, to: target)
                 // The source still has this key and serves it.
                 #expect(try await client.get(old)?.string == "on the source")
@@ -163,7 +165,8 @@ struct ClusterTests {
                     #expect(try await deliver("one"))
                     #expect(await messages.next().map { String(decoding: $0.payload, as: UTF8.self) } == "one")
                     // Only the shard that owns the slot knows the subscriber: SPUBLISH on another primary is refused.
-                    let (_, other) = try await sourceAndTarget(of: slot, in: cluster)
+                    let owner = try await cluster.primary(forSlot: slot)
+                    let other = try #require(try await cluster.primaries().first { $0.port != owner.port })
                     #expect(try await other.cli("SPUBLISH", channel, "x").contains("MOVED"))
 
                     // A migration: the server ends the subscription (sunsubscribe); the client re-subscribes there.
@@ -215,13 +218,6 @@ struct ClusterTests {
             }
         }
     }
-}
-
-/// The primary serving `slot` and another primary, to move the slot to.
-private func sourceAndTarget(of slot: Int, in cluster: RedisCluster) async throws -> (source: RedisServer, target: RedisServer) {
-    let source = try await cluster.primary(forSlot: slot)
-    let target = try #require(try await cluster.primaries().first { $0.port != source.port })
-    return (source, target)
 }
 
 /// What the load of a test did: operations, failures, and the flag that ends it.

@@ -105,11 +105,18 @@ final class ClusterPubSub: Sendable {
         return shard
     }
 
-    /// Runs a shard's connection with its keepalive.
+    /// Runs a shard's connection, with a keepalive `PING` every command timeout (a half-open link would otherwise
+    /// leave the subscription silently dead).
     private func run(_ shard: Shard) async {
         await withDiscardingTaskGroup { group in
             group.addTask { await shard.connection.run() }
-            group.addTask { await shard.connection.keepAlive() }
+            group.addTask {
+                let interval = max(self.cluster.configuration.commandTimeout, .seconds(1))
+                while !shard.connection.isStopped {
+                    do { try await Task.sleep(for: interval) } catch { return }
+                    _ = try? await shard.connection.send(RedisCommand("PING"), deadline: .now() + TimeAmount(interval))
+                }
+            }
         }
     }
 

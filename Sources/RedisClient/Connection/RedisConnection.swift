@@ -94,18 +94,6 @@ final class RedisConnection: Sendable {
         channel?.close(promise: nil)
     }
 
-    /// A `PING` every command timeout (at least every second) until ``stop()`` or cancellation: for pub/sub
-    /// connections, which send no requests of their own. Its reply proves the link alive; without one within the
-    /// command timeout the connection counts as stuck, closes and re-subscribes on a new one, where a half-open link
-    /// would otherwise leave every subscription silently dead until TCP noticed (hours).
-    func keepAlive() async {
-        let interval = max(configuration.commandTimeout, .seconds(1))
-        while !isStopped {
-            do { try await Task.sleep(for: interval) } catch { return }
-            _ = try? await send(RedisCommand("PING"), deadline: .now() + TimeAmount(interval))
-        }
-    }
-
     /// Whether ``stop()`` was called.
     var isStopped: Bool { stopped.load(ordering: .acquiring) }
 
