@@ -16,8 +16,8 @@ struct ClusterRoutingTests {
         // Hash tags: the first {…} with something inside.
         #expect(HashSlot.of("{user1000}.following") == HashSlot.of("{user1000}.followers"))
         #expect(HashSlot.of("{user1000}.following") == HashSlot.of("user1000"))
-        #expect(HashSlot.of("foo{}{bar}") == HashSlot.of("foo{}{bar}"))
-        #expect(HashSlot.of("foo{}{bar}") != HashSlot.of("bar"), "an empty first tag hashes the whole key")
+        #expect(HashSlot.of("foo{}{bar}") == Int(HashSlot.crc16(Array("foo{}{bar}".utf8)) & 0x3FFF), "an empty first tag hashes the whole key")
+        #expect(HashSlot.of("foo{}{bar}") != HashSlot.of("bar"))
         #expect(HashSlot.of("foo{{bar}}zap") == HashSlot.of("{bar"))
         #expect(HashSlot.of("foo{bar}{zap}") == HashSlot.of("bar"))
         #expect(HashSlot.of("P:{u:alice}:conns") == HashSlot.of("P:{u:alice}:limit"))
