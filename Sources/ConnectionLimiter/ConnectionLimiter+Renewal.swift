@@ -27,6 +27,8 @@ extension ConnectionLimiter {
             }
         }
         for start in stride(from: 0, to: calls.count, by: 256) {
+            // A lease lost or a re-registration between two chunks: the new incarnation's re-admission owns the rest.
+            guard state.withLock({ $0.node == node && $0.life.isCurrent }) else { return }
             let chunk = calls[start..<min(start + 256, calls.count)]
             var steps: [PipelineStep] = chunk.map { call in
                 let members = call.connections.map { Member(node: node, connection: $0.id).text }
@@ -57,21 +59,28 @@ extension ConnectionLimiter {
                 let readded = (parts.count > 1 ? parts[1] : []).compactMap { Member($0) }
                 let kickedHere = Set((parts.count > 2 ? parts[2] : []).compactMap { Member($0)?.connection })
                 let (kicked, operatorKicked, released) = state.withLock { state -> ([String], [String], [String]) in
+                    // A connection re-admitted under a newer incarnation while this round was on its way (the node
+                    // lost its lease and re-registered): its member under `node` is gone on purpose, and the answer
+                    // about it is stale — neither closed nor adopted back; a member the script re-added is a stray.
+                    func heldElsewhere(_ id: String) -> Bool {
+                        guard let held = state.table.connection(id)?.node else { return false }
+                        return held != node
+                    }
                     var kicked: [String] = []
-                    for id in lost where state.table.connection(id)?.state == .open {
+                    for id in lost where state.table.connection(id)?.state == .open && !heldElsewhere(id) {
                         removeLocally(id, from: &state)
                         kicked.append(id)
                     }
                     // Kicked while the kick message did not reach this node: close it now.
                     var operatorKicked: [String] = []
-                    for id in kickedHere where state.table.connection(id)?.state == .open {
+                    for id in kickedHere where state.table.connection(id)?.state == .open && !heldElsewhere(id) {
                         removeLocally(id, from: &state)
                         operatorKicked.append(id)
                     }
                     var released: [String] = []
                     for (id, _) in call.connections where !lost.contains(id) && !kickedHere.contains(id) {
                         // Released while the renewal was in flight: the script may have put it back.
-                        if !state.table.adopt(id, node: node) { released.append(id) }
+                        if heldElsewhere(id) || !state.table.adopt(id, node: node) { released.append(id) }
                     }
                     return (kicked, operatorKicked, released)
                 }
