@@ -63,9 +63,13 @@ let package = Package(
             resources: [.copy("Scripts")],
             swiftSettings: swiftSettings
         ),
+        // glibc's allocator statistics (`mallinfo2`), which Swift's Glibc module does not import: the heap in use,
+        // exported by `/metrics` so a leak can be told from the allocator keeping freed pages.
+        .target(name: "CHeapStats"),
         .target(
             name: "Gateway",
             dependencies: [
+                "CHeapStats",
                 "ConnectionLimiter",
                 "RedisClient",
                 .product(name: "JWTKit", package: "jwt-kit"),

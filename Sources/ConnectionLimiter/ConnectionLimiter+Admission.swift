@@ -250,22 +250,37 @@ extension ConnectionLimiter {
         let member = Member(node: node, connection: connection).text
         let arguments = [member, String(limit), String(leaseMilliseconds), policy ?? policyArgument, dryRunArgument, previous ?? ""] + dead
         let started = clock.now
+        let script = PipelineStep.script(scripts.admit, keys: keys.userKeys(user), arguments: arguments)
+        var steps = [script]
         if index {
             let add = RedisCommand("SADD", strings: [keys.users(node), user.escaped])
             // The TTL (as the heartbeat sets it) keeps an index written after the node's drain deleted it from staying.
             let expire = RedisCommand("PEXPIRE", keys.users(node), leaseMilliseconds + nodeTTLMilliseconds)
             if redis.isCluster {
-                // The index and the user's keys live on different shards: only the index's reply proves it was
-                // written before the admission (a sweeper that finds the user there finds the entry too).
-                for reply in try await redis.pipeline([add, expire], timeout: configuration.admissionTimeout) { _ = try reply.get() }
+                // The index and the user's keys live on different shards, so nothing orders the two writes: they go
+                // out together (one round trip, each to its shard) and the admission counts only once the index write
+                // is confirmed too — an entry whose index write failed is taken out again before the error is thrown.
+                // A crash between the two can leave an entry the index does not name: a sweep cannot find it, but its
+                // lease runs out (lease.ttl ≤ 30 s) and, before that, the dead-owner cleanup of the user's next
+                // denial removes it.
+                steps = [.command(add), .command(expire), script]
             } else {
                 // Queued ahead of the script on the same connection: if it cannot be written, neither can the script.
                 try redis.sendWithoutReply(add, timeout: configuration.admissionTimeout)
                 try redis.sendWithoutReply(expire, timeout: configuration.admissionTimeout)
             }
         }
-        let results = try await redis.pipeline(
-            [.script(scripts.admit, keys: keys.userKeys(user), arguments: arguments)], timeout: configuration.admissionTimeout)
+        var results = try await redis.pipeline(steps, timeout: configuration.admissionTimeout)
+        if results.count == 3 {
+            let indexed = results[0].flatMap { _ in results[1] }
+            results.removeFirst(2)
+            if case .failure(let error) = indexed {
+                if let reply = try? AdmitReply(results[0].get(), user: user), [.admitted, .evicted, .dryRunOverLimit].contains(reply.status) {
+                    await removeMembers([member], of: user)
+                }
+                throw error
+            }
+        }
         metrics.scriptLatency.record(duration: started.duration(to: clock.now))
         let reply = try AdmitReply(results[0].get(), user: user)
         if reply.expiredRemoved > 0 { metrics.evictedExpired.increment(by: Int64(reply.expiredRemoved)) }

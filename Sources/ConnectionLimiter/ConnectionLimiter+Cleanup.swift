@@ -27,13 +27,6 @@ extension ConnectionLimiter {
         }
     }
 
-    /// The registry with its server's clock: `{now in ms, {id, expiry, …}}`.
-    static let registryScript = RedisScript(
-        """
-        local t = redis.call('TIME')
-        return {tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')}
-        """)
-
     private func cleanUpAndRetryOnce(user: UserID, connection: String, node: String, limit: Int, denied: AdmitReply) async throws -> AdmitReply {
         let holders = denied.holders.map(\.member)
         let (staleOwn, liveOwn) = state.withLock { state -> ([String], [String]) in
@@ -60,7 +53,7 @@ extension ConnectionLimiter {
             // Read the registry after the holders: an owner missing from it, or expired, is dead for good. Expired by
             // the registry's own clock (read in the same script): on Redis Cluster the user's shard and the
             // registry's may be different servers whose clocks differ.
-            let registry = try await redis.eval(Self.registryScript, keys: [keys.nodes], timeout: configuration.admissionTimeout)
+            let registry = try await redis.eval(scripts.registry, keys: [keys.nodes], timeout: configuration.admissionTimeout)
             let now = registry.array?.first?.int.map(Int64.init) ?? denied.now
             var expiries: [String: Int64] = [:]
             let flat = registry.array?.last?.array ?? []

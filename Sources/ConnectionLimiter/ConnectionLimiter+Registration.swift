@@ -22,8 +22,9 @@ extension ConnectionLimiter {
         guard reply.int(at: 0) == 1 else {
             throw LimiterError(code: .unexpectedReply, message: "registration of node \(node) refused (id already taken): \(reply)")
         }
-        // A fresh or restarted Redis has no scripts cached: load them all now rather than one NOSCRIPT at a time.
-        try? await redis.load(scripts)
+        // A fresh or restarted Redis has no scripts cached: load them all now rather than one NOSCRIPT at a time. (On a
+        // cluster, every primary gets them once the registration is in, below.)
+        if !redis.isCluster { try? await redis.load(scripts) }
         let accepted = state.withLock { state -> (previous: String?, stale: RedisSubscription?, ready: Bool)? in
             guard state.life.acceptsRegistration else { return nil }
             let previous = state.life.registered(as: node, sentAt: sent)
@@ -57,6 +58,13 @@ extension ConnectionLimiter {
         if ready { firstReady.open() }
         nodeLogger(node).info(
             "node registered", metadata: ["fleetgate.previous-node": "\(previous ?? "none")", "fleetgate.name": "\(configuration.nodeName)"])
+        if redis.isCluster {
+            // After the registration, so it never delays it: each script on every primary, all at once. A primary
+            // missed here (down, or promoted later) answers NOSCRIPT once and gets the script with the EVAL fallback.
+            await withDiscardingTaskGroup { group in
+                for script in scripts.all { group.addTask { _ = try? await self.redis.load(script) } }
+            }
+        }
     }
 
     /// The HSET of a node's hash: what `status` shows of it.

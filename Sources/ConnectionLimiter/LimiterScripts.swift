@@ -10,8 +10,9 @@ struct LimiterScripts: Sendable {
     let heartbeat: RedisScript
     let sweeperLock: RedisScript
     let kick: RedisScript
+    let registry: RedisScript
 
-    var all: [RedisScript] { [admit, release, renew, purge, heartbeat, sweeperLock, kick] }
+    var all: [RedisScript] { [admit, release, renew, purge, heartbeat, sweeperLock, kick, registry] }
 
     static let shared: LimiterScripts = {
         func load(_ name: String) -> RedisScript {
@@ -30,7 +31,8 @@ struct LimiterScripts: Sendable {
             purge: load("purge"),
             heartbeat: load("heartbeat"),
             sweeperLock: load("sweeper-lock"),
-            kick: load("kick")
+            kick: load("kick"),
+            registry: load("registry")
         )
     }()
 }
@@ -38,7 +40,7 @@ struct LimiterScripts: Sendable {
 extension ConnectionLimiter {
     /// The limiter's Lua scripts (each file under `Scripts/` documents its keys, arguments and reply).
     public enum Script: String, CaseIterable, Sendable {
-        case admit, release, renew, purge, heartbeat, kick
+        case admit, release, renew, purge, heartbeat, kick, registry
         case sweeperLock = "sweeper-lock"
     }
 
@@ -54,6 +56,7 @@ extension ConnectionLimiter {
         case .heartbeat: return scripts.heartbeat.source
         case .kick: return scripts.kick.source
         case .sweeperLock: return scripts.sweeperLock.source
+        case .registry: return scripts.registry.source
         }
     }
 }

@@ -24,6 +24,11 @@ public struct FleetOptions: Sendable {
     public var persistence = true
     /// The clock-offset library (`LD_PRELOAD`) for redis-server, needed by the `clock-jump` fault.
     public var clockLibrary: String?
+    /// Run on a Redis Cluster of this many primaries (each with one replica) instead of one redis-server; nil = one
+    /// server. The nodes then reach the cluster directly (no proxies: a cluster client follows the addresses the
+    /// cluster announces), so the faults on one server (partition, Redis restart/stop/full, clock jumps) are not
+    /// available; `kill-primary` is.
+    public var clusterPrimaries: Int?
 
     /// Options with a fresh random secret.
     public init(executable: URL) {
@@ -32,12 +37,16 @@ public struct FleetOptions: Sendable {
     }
 }
 
-/// A local fleet: one redis-server and N `fleetgate serve` nodes on free loopback ports, every process watched by the
-/// process watchdog (nothing outlives this process), with the means to break it: kill, pause, drain and restart a
-/// node, cut a node off from Redis, stop, wipe, fill or shift the clock of Redis.
+/// A local fleet: one redis-server (or a Redis Cluster) and N `fleetgate serve` nodes on free loopback ports, every
+/// process watched by the process watchdog (nothing outlives this process), with the means to break it: kill, pause,
+/// drain and restart a node, cut a node off from Redis, stop, wipe, fill or shift the clock of Redis, kill a primary
+/// of the cluster.
 public final class ChaosFleet: Sendable {
     public let options: FleetOptions
-    public let redis: RedisServer
+    /// The Redis server (nil on a cluster).
+    public let redis: RedisServer?
+    /// The Redis Cluster (with ``FleetOptions/clusterPrimaries``).
+    public let cluster: RedisCluster?
     /// Per node slot: the proxy it reaches Redis through (nil without ``FleetOptions/proxies``).
     public let proxies: [TCPProxy?]
     /// Per node slot: the port it listens on (kept across restarts, so clients find it again).
@@ -46,9 +55,12 @@ public final class ChaosFleet: Sendable {
     /// The file the clock-offset library reads (seconds to add to Redis's clock); nil without the library.
     public let clockOffsetFile: String?
 
-    private init(options: FleetOptions, redis: RedisServer, proxies: [TCPProxy?], nodes: [GatewayProcess], clockOffsetFile: String?) {
+    private init(
+        options: FleetOptions, redis: RedisServer?, cluster: RedisCluster?, proxies: [TCPProxy?], nodes: [GatewayProcess], clockOffsetFile: String?
+    ) {
         self.options = options
         self.redis = redis
+        self.cluster = cluster
         self.proxies = proxies
         ports = nodes.map(\.port)
         processes = Mutex(nodes.map { $0 })
@@ -58,12 +70,39 @@ public final class ChaosFleet: Sendable {
     /// The nodes' names: `chaos-1` … `chaos-N`.
     public func name(_ slot: Int) -> String { "\(options.keyPrefix)-\(slot + 1)" }
 
+    /// The fleet's Redis URL: the server's, or `redis+cluster://` with the cluster's primaries.
+    public var redisURL: String { cluster?.seedURL ?? redis?.url ?? "" }
+
+    /// Where Redis is, for a progress line.
+    public var redisDescription: String {
+        if let cluster { return "Redis Cluster \(cluster.seedURL) (\(cluster.servers.count) servers)" }
+        return "redis-server at \(redis?.address ?? "?")"
+    }
+
     /// Gateway URLs, one per slot.
     public var urls: [String] { ports.map { "ws://127.0.0.1:\($0)/ws" } }
 
     /// Starts Redis (noeviction, as the README asks of production), the proxies and every node; stops what it started
     /// if one part fails.
     public static func start(_ options: FleetOptions) async throws -> ChaosFleet {
+        if let primaries = options.clusterPrimaries {
+            guard options.clockLibrary == nil else { throw ChaosError("a fleet on a Redis Cluster cannot shift Redis's clock (--clock-library)") }
+            guard primaries >= 3 else { throw ChaosError("a Redis Cluster needs at least 3 primaries, got \(primaries)") }
+            let cluster = try await RedisCluster.start(
+                primaries: primaries, replicasPerPrimary: 1, options: .init(extraArguments: ["--maxmemory-policy", "noeviction"]))
+            var nodes: [GatewayProcess] = []
+            do {
+                for slot in 0..<options.nodes {
+                    nodes.append(try await launch(options, slot: slot, port: 0, redisURL: cluster.seedURL))
+                }
+            } catch {
+                for node in nodes { await node.kill() }
+                await cluster.teardown()
+                throw error
+            }
+            return ChaosFleet(
+                options: options, redis: nil, cluster: cluster, proxies: nodes.map { _ in nil }, nodes: nodes, clockOffsetFile: nil)
+        }
         var offsetFile: String?
         var environment: [String: String] = [:]
         if let library = options.clockLibrary {
@@ -88,7 +127,7 @@ public final class ChaosFleet: Sendable {
             await redis.kill()
             throw error
         }
-        return ChaosFleet(options: options, redis: redis, proxies: proxies, nodes: nodes, clockOffsetFile: offsetFile)
+        return ChaosFleet(options: options, redis: redis, cluster: nil, proxies: proxies, nodes: nodes, clockOffsetFile: offsetFile)
     }
 
     private static func launch(_ options: FleetOptions, slot: Int, port: Int, redisURL: String) async throws -> GatewayProcess {
@@ -111,7 +150,7 @@ public final class ChaosFleet: Sendable {
     }
 
     /// The Redis URL a node of `slot` uses (its proxy's).
-    public func redisURL(for slot: Int) -> String { proxies[slot]?.url ?? redis.url }
+    public func redisURL(for slot: Int) -> String { proxies[slot]?.url ?? redisURL }
 
     /// SIGKILL; the slot stays down until ``restart(_:)``.
     public func kill(_ slot: Int) async {
@@ -177,8 +216,9 @@ public final class ChaosFleet: Sendable {
     public func stop() async {
         await drainNodes()
         for proxy in proxies { await proxy?.stop() }
-        redis.resume()
-        await redis.stop()
+        redis?.resume()
+        await redis?.stop()
+        await cluster?.teardown()
         if let clockOffsetFile { try? FileManager.default.removeItem(atPath: (clockOffsetFile as NSString).deletingLastPathComponent) }
     }
 }

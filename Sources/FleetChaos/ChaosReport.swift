@@ -32,6 +32,8 @@ public struct ChaosReport: Codable, Sendable {
     public var users: Int
     public var attempts: Int
     public var limit: Int
+    /// Primaries of the Redis Cluster the fleet ran on; nil: one redis-server.
+    public var clusterPrimaries: Int?
     public var nodeArguments: [String]
     /// When the scenario's clock started (seconds since the load started).
     public var scenarioStart: Double
@@ -74,7 +76,8 @@ public struct ChaosReport: Codable, Sendable {
 
     /// Faults after which the README allows a user above the limit for a while (the local fallback, a lease lost
     /// while paused or cut off, Redis without its data or with a shifted clock).
-    static let overshootingFaults: Set<Scenario.Kind> = [.partition, .pause, .redisStop, .redisRestart, .clockJump]
+    /// A primary killed on a cluster loses the writes its replica had not received yet, admissions among them.
+    static let overshootingFaults: Set<Scenario.Kind> = [.partition, .pause, .redisStop, .redisRestart, .clockJump, .killPrimary]
 
     /// Whether every check passed.
     public var passed: Bool { checks.allSatisfy(\.passed) }
@@ -89,6 +92,7 @@ public struct ChaosReport: Codable, Sendable {
         users = configuration.users
         attempts = configuration.attempts
         limit = options.limit
+        clusterPrimaries = options.clusterPrimaries
         nodeArguments = options.nodeArguments
         self.scenarioStart = scenarioStart
         self.events = events
@@ -128,7 +132,9 @@ public struct ChaosReport: Codable, Sendable {
                     name: "over-admission", passed: summary.peakPerUser <= options.limit,
                     detail: "the most sockets any user held at once: \(summary.peakPerUser) (limit \(options.limit))"))
         }
-        let localFaults = scenario.faults.filter { [.partition, .redisStop].contains($0.kind) }
+        // A killed primary's shard is down until its replica is promoted (within 10 s with the runner's 2 s cluster
+        // node timeout): the nodes count that shard's users locally meanwhile.
+        let localFaults = scenario.faults.filter { [.partition, .redisStop, .killPrimary].contains($0.kind) }
         if !localFaults.isEmpty {
             // The Redis-down fallback admits up to ⌈L / N⌉ per node by its own count: the README's worst case. It
             // holds while nodes count locally: from the fault until 2 s after it ends (the Redis client's longest
@@ -137,7 +143,10 @@ public struct ChaosReport: Codable, Sendable {
             let bound = options.limit + (options.nodes - 1) * share
             let peak =
                 summary.samples.filter { sample in
-                    localFaults.contains { sample.t >= scenarioStart + $0.at && sample.t <= scenarioStart + $0.at + ($0.for ?? 0) + 2 }
+                    localFaults.contains {
+                        let length = $0.for ?? ($0.kind == .killPrimary ? 10 : 0)
+                        return sample.t >= scenarioStart + $0.at && sample.t <= scenarioStart + $0.at + length + 2
+                    }
                 }.map(\.maxPerUser).max() ?? 0
             checks.append(
                 Check(
@@ -186,7 +195,8 @@ public struct ChaosReport: Codable, Sendable {
     /// The report for people: events, figures and checks.
     public var text: String {
         var lines: [String] = []
-        lines.append("scenario \(scenario.name): \(nodes) nodes, \(users) users x \(attempts) attempts, limit \(limit)")
+        let redis = clusterPrimaries.map { ", on a Redis Cluster of \($0) primaries with a replica each" } ?? ""
+        lines.append("scenario \(scenario.name): \(nodes) nodes, \(users) users x \(attempts) attempts, limit \(limit)\(redis)")
         for event in events { lines.append(String(format: "  %6.1fs  %@", event.t, event.label)) }
         lines.append(
             "attempts \(load.attempts): admitted \(load.admitted), denied \(load.denied), failed \(load.failed), reconnects \(load.reconnects)")

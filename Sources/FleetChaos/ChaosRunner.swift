@@ -47,14 +47,14 @@ public struct ChaosRunner: Sendable {
 
     /// Starts the fleet, loads it, plays the scenario, stops everything (also when cancelled) and reports.
     public func run() async throws -> ChaosReport {
-        try configuration.scenario.validate(nodes: configuration.fleet.nodes)
+        try configuration.scenario.validate(nodes: configuration.fleet.nodes, clusterPrimaries: configuration.fleet.clusterPrimaries)
         if configuration.scenario.faults.contains(where: { $0.kind == .clockJump }), configuration.fleet.clockLibrary == nil {
             throw ChaosError("scenario \(configuration.scenario.name) jumps Redis's clock: pass --clock-library (scripts/chaos builds it)")
         }
         let say = configuration.progress
         let fleet = try await ChaosFleet.start(configuration.fleet)
         say(
-            "fleet: redis-server at \(fleet.redis.address); \(fleet.ports.count) gateway nodes at ws://127.0.0.1:{\(fleet.ports.map(String.init).joined(separator: ","))}/ws"
+            "fleet: \(fleet.redisDescription); \(fleet.ports.count) gateway nodes at ws://127.0.0.1:{\(fleet.ports.map(String.init).joined(separator: ","))}/ws"
         )
         do {
             let report = try await play(fleet)
@@ -75,7 +75,7 @@ public struct ChaosRunner: Sendable {
         let options = configuration.fleet
         let scenario = configuration.scenario
         let say = configuration.progress
-        var redisConfiguration = try RedisClientConfiguration(url: fleet.redis.url)
+        var redisConfiguration = try RedisClientConfiguration(url: fleet.redisURL)
         redisConfiguration.commandTimeout = .seconds(1)
         redisConfiguration.connectTimeout = .seconds(1)
         var quiet = Logger(label: "fleetgate.chaos")
@@ -190,6 +190,8 @@ public struct ChaosRunner: Sendable {
         let slot = (fault.node ?? 1) - 1
         let length = fault.for ?? 0
         let grace = configuration.renewInterval + 2
+        // validate(nodes:clusterPrimaries:) keeps the single-server faults off a cluster and kill-primary off a server.
+        let server = fleet.redis
         switch fault.kind {
         case .kill:
             let port = fleet.ports[slot]
@@ -220,23 +222,24 @@ public struct ChaosRunner: Sendable {
             event("heal \(fleet.name(slot))", "heal")
         case .redisRestart:
             checker.excuse(slot: nil, until: checker.now + grace)
-            try await fleet.redis.restart(keepData: false)
+            try await server?.restart(keepData: false)
             event(label, "redis")
         case .redisStop:
             checker.excuse(slot: nil, until: checker.now + length + grace)
-            await fleet.redis.kill()
+            await server?.kill()
             event(label, "redis")
             try await Task.sleep(for: .seconds(length))
-            try await fleet.redis.restart(keepData: true)
+            try await server?.restart(keepData: true)
             event("redis-server back", "heal")
         case .redisFull:
-            let used = try await fleet.redis.cli("INFO", "memory")
+            guard let server else { return }
+            let used = try await server.cli("INFO", "memory")
             let bytes =
                 used.split(whereSeparator: \.isNewline).first { $0.hasPrefix("used_memory:") }.flatMap { Int($0.split(separator: ":")[1]) } ?? 0
-            _ = try await fleet.redis.cli("CONFIG", "SET", "maxmemory", String(max(1, bytes / 2)))
+            _ = try await server.cli("CONFIG", "SET", "maxmemory", String(max(1, bytes / 2)))
             event(label + " (maxmemory \(bytes / 2) bytes, used \(bytes))", "redis")
             try await Task.sleep(for: .seconds(length))
-            _ = try await fleet.redis.cli("CONFIG", "SET", "maxmemory", "0")
+            _ = try await server.cli("CONFIG", "SET", "maxmemory", "0")
             event("redis maxmemory lifted", "heal")
         case .clockJump:
             try fleet.setRedisClockOffset(seconds: fault.offset ?? 0)
@@ -255,6 +258,22 @@ public struct ChaosRunner: Sendable {
                 try await fleet.restart(slot)
                 event("\(fleet.name(slot)) restarted", "note")
             }
+        case .killPrimary:
+            guard let cluster = fleet.cluster else { return }
+            let primaries = try await cluster.primaries()
+            let index = (fault.node ?? 1) - 1
+            guard primaries.indices.contains(index) else { throw ChaosError("\(label): the cluster has \(primaries.count) primaries") }
+            let victim = primaries[index]
+            // Writes the replica had not received yet are lost with the primary: the nodes' renewals put them back.
+            checker.excuse(slot: nil, until: checker.now + grace + 10)
+            let killedAt = ContinuousClock.now
+            event("\(label) (\(victim.address))", "redis")
+            let successor = try await cluster.killPrimary(victim)
+            event(
+                String(format: "replica %@ promoted, %.1f s after the kill", successor.address, seconds(killedAt.duration(to: ContinuousClock.now))),
+                "heal")
+            try await cluster.rejoin(victim)
+            event("\(victim.address) rejoined as a replica", "note")
         }
     }
 }

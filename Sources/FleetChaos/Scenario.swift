@@ -7,7 +7,7 @@ import Foundation
 /// {"name": "pause", "duration": 40,
 ///  "faults": [{"at": 5, "kind": "pause", "node": 2, "for": 8}, {"at": 20, "kind": "kill", "node": 1}]}
 /// ```
-/// `node` is 1-based; `for` (seconds) ends a pause, a partition, a Redis stop, a full Redis or a clock jump; `offset`
+/// `node` is 1-based (for `kill-primary`: which primary of the cluster, in start order); `for` (seconds) ends a pause, a partition, a Redis stop, a full Redis or a clock jump; `offset`
 /// is a clock jump's size in seconds (negative: back).
 public struct Scenario: Codable, Sendable, Equatable {
     public var name: String
@@ -40,7 +40,7 @@ public struct Scenario: Codable, Sendable, Equatable {
         /// How it reads in the report: `kill chaos-1`, `pause chaos-2 for 8s`.
         public func label(prefix: String) -> String {
             var text = kind.rawValue
-            if let node { text += " \(prefix)-\(node)" }
+            if let node { text += kind == .killPrimary ? " \(node)" : " \(prefix)-\(node)" }
             if let offset { text += " \(offset >= 0 ? "+" : "")\(Int(offset))s" }
             if let duration = self.for { text += " for \(Int(duration))s" }
             return text
@@ -71,10 +71,19 @@ public struct Scenario: Codable, Sendable, Equatable {
         case storm
         /// Every node in turn: SIGTERM, wait for the drain, start again.
         case rollingRestart = "rolling-restart"
+        /// On a Redis Cluster: SIGKILL primary `node` (default 1) under load; its replica is promoted (writes not yet
+        /// replicated are lost), then the killed server rejoins as a replica.
+        case killPrimary = "kill-primary"
+
+        /// Faults on the one Redis server (or a node's path to it), which a fleet on a cluster does not have.
+        var needsSingleServer: Bool {
+            [.partition, .redisRestart, .redisStop, .redisFull, .clockJump].contains(self)
+        }
     }
 
-    /// Checks the faults against the fleet's size: nodes in range, durations where needed, everything within the run.
-    public func validate(nodes: Int) throws {
+    /// Checks the faults against the fleet's size: nodes in range, durations where needed, everything within the run,
+    /// cluster faults only on a cluster (`clusterPrimaries`) and single-server faults only without one.
+    public func validate(nodes: Int, clusterPrimaries: Int? = nil) throws {
         guard duration > 0, duration <= 3600 else { throw ChaosError("scenario \(name): duration must be 1…3600 s, got \(duration)") }
         for fault in faults {
             let where_ = "scenario \(name), fault \(fault.kind.rawValue) at \(fault.at) s"
@@ -88,8 +97,16 @@ public struct Scenario: Codable, Sendable, Equatable {
             switch fault.kind {
             case .pause, .partition, .redisStop, .redisFull, .clockJump:
                 guard let length = fault.for, length > 0 else { throw ChaosError("\(where_): needs \"for\" (seconds, > 0)") }
+            case .killPrimary:
+                guard let primaries = clusterPrimaries else {
+                    throw ChaosError("\(where_): kills a primary of a Redis Cluster; run with --cluster")
+                }
+                guard (1...primaries).contains(fault.node ?? 1) else { throw ChaosError("\(where_): needs a primary 1…\(primaries)") }
             default:
                 break
+            }
+            if clusterPrimaries != nil, fault.kind.needsSingleServer {
+                throw ChaosError("\(where_): needs one Redis server (a proxy per node, a server to stop, fill or shift); not with --cluster")
             }
             if fault.kind == .clockJump, fault.offset == nil { throw ChaosError("\(where_): needs \"offset\" (seconds)") }
         }
@@ -147,6 +164,16 @@ public struct Scenario: Codable, Sendable, Equatable {
                     .init(at: 140, kind: .clockJump, for: 6, offset: 60),
                     .init(at: 155, kind: .clockJump, for: 6, offset: -60),
                 ])
+        case "cluster":
+            // A primary killed under load (its replica promoted, recent writes lost), a node killed and restarted
+            // while the cluster has just failed over, and a second primary killed once the first has rejoined.
+            return Scenario(
+                name: "cluster", duration: 60,
+                faults: [
+                    .init(at: 2, kind: .killPrimary, node: 1),
+                    .init(at: 20, kind: .kill, node: 1), .init(at: 35, kind: .restart, node: 1),
+                    .init(at: 40, kind: .killPrimary, node: 2),
+                ])
         default:
             return nil
         }
@@ -168,7 +195,7 @@ public struct Scenario: Codable, Sendable, Equatable {
     }
 
     /// The names ``builtIn(_:)`` knows.
-    public static let builtInNames = ["demo", "kill", "pause", "partition", "redis", "storm", "rolling", "clock", "all"]
+    public static let builtInNames = ["demo", "kill", "pause", "partition", "redis", "storm", "rolling", "clock", "all", "cluster"]
 }
 
 /// A chaos run could not start or went wrong; the message says what.

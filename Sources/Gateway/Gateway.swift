@@ -128,6 +128,7 @@ public final class Gateway: Service, Sendable {
             guard let prometheus = self.prometheus else {
                 return Self.json(.notFound, ErrorBody(error: "not_found", message: "metrics are not enabled"))
             }
+            self.core.metrics.recordHeapInUse()
             var buffer: [UInt8] = []
             buffer.reserveCapacity(16 * 1024)
             prometheus.emit(into: &buffer)

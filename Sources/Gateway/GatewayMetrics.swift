@@ -1,3 +1,4 @@
+import CHeapStats
 import Metrics
 import Synchronization
 
@@ -13,6 +14,7 @@ struct GatewayMetrics: Sendable {
     private let closeCounters: [UInt16: Counter]
     private let otherClose: Counter
     private let probeCounters: [ProbeOutcome: Counter]
+    private let heapInUse: Gauge
     private let open = OpenCount()
 
     init(factory: any MetricsFactory) {
@@ -34,6 +36,13 @@ struct GatewayMetrics: Sendable {
             probeCounters[outcome] = Counter(label: "fleetgate_gateway_probes_total", dimensions: [("result", outcome.rawValue)], factory: factory)
         }
         self.probeCounters = probeCounters
+        heapInUse = Gauge(label: "fleetgate_process_heap_in_use_bytes", factory: factory)
+    }
+
+    /// Records the C heap in use now (`fleetgate_process_heap_in_use_bytes`, glibc's `mallinfo2`), read when
+    /// `/metrics` is scraped: it walks the allocator's arenas, too dear for every connection.
+    func recordHeapInUse() {
+        heapInUse.record(Int64(fleetgate_heap_in_use()))
     }
 
     func upgrades(_ result: UpgradeResult) {

@@ -239,6 +239,25 @@ public final class RedisCluster: Sendable {
         return try members.server(withID: successor.id)
     }
 
+    /// Starts a server killed by ``killPrimary(_:within:)`` again — same port, directory and node ID (its `nodes.conf`
+    /// is kept), its data wiped — and waits until it has rejoined as a replica: the primary that took over its slots
+    /// has the newer configuration epoch, so the cluster turns the returning node into that primary's replica. With
+    /// it, the shard can survive a second kill of its primary.
+    /// - Parameter timeout: how long to wait until it serves as a replica. Defaults to 30 seconds.
+    /// - Throws: ``LocalFleetError`` if the server is not one of this cluster's, is still running, cannot start, or has
+    ///   not rejoined as a replica within `timeout` (then with what was still missing).
+    public func rejoin(_ server: RedisServer, within timeout: Duration = .seconds(30)) async throws {
+        let id = try members.id(of: server)
+        guard !members.running.contains(where: { $0 === server }) else {
+            throw LocalFleetError("\(server.address) is still running: only a killed server can rejoin the cluster")
+        }
+        try await server.restart(keepData: false)
+        try await members.waitUntilSettled(within: timeout, while: "rejoining \(server.address) as a replica") { topology in
+            guard let node = topology.node(id) else { return "\(server.address) is not in CLUSTER NODES" }
+            return node.isPrimary ? "\(server.address) still claims to be a primary" : nil
+        }
+    }
+
     // MARK: - Moving slots
 
     /// Moves `slot` with its keys to the primary `target` as `redis-cli --cluster` does, with the raw commands:

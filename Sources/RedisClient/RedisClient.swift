@@ -65,24 +65,12 @@ public final class RedisClient: Sendable, Service {
                     guard await self.pubSub.waitUntilNeeded() else { return }
                     await withDiscardingTaskGroup { pubSub in
                         pubSub.addTask { await self.pubSubConnection.run() }
-                        pubSub.addTask { await self.pubSubKeepalive() }
+                        pubSub.addTask { await self.pubSubConnection.keepAlive(every: max(self.configuration.commandTimeout, .seconds(1))) }
                     }
                 }
             }
         }
         pubSub.shutdown()
-    }
-
-    /// A PING on the pub/sub connection every command timeout (at least every second): its reply proves the link
-    /// alive; without one within the command timeout the connection counts as stuck, closes and re-subscribes on a
-    /// new one. Pub/sub sends no requests of its own, so a half-open link would otherwise leave every subscription
-    /// silently dead until TCP noticed (hours).
-    private func pubSubKeepalive() async {
-        let interval = max(configuration.commandTimeout, .seconds(1))
-        while true {
-            do { try await Task.sleep(for: interval) } catch { return }
-            _ = try? await pubSubConnection.send(RedisCommand("PING"), deadline: deadline(nil))
-        }
     }
 
     /// The deadline for a request made now.

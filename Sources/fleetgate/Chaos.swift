@@ -17,7 +17,10 @@ struct Chaos: AsyncParsableCommand {
             with the entries in Redis: users above the limit, stale entries (no socket), lost entries (a socket without \
             an entry), and per SIGKILL the time until the node's entries are gone and its users are back. It writes \
             report.json and timeline.svg to --results, prints the report (or JSON with --json) and exits non-zero if a \
-            check failed. SIGINT or SIGTERM stops everything it started.
+            check failed. SIGINT or SIGTERM stops everything it started. With --cluster the fleet runs on a local Redis \
+            Cluster (3 primaries, each with a replica; nodes reach it directly, no proxies) and the scenario may kill \
+            primaries (kill-primary; built-in scenario "cluster"); the faults of one server (partition, redis-*, \
+            clock-jump) are refused there.
             """
     )
 
@@ -35,6 +38,9 @@ struct Chaos: AsyncParsableCommand {
         []
     @Option(help: "The clock-offset library for redis-server (LD_PRELOAD), needed by clock-jump faults; scripts/chaos builds it.")
     var clockLibrary: String?
+    @Flag(help: "Run on a local Redis Cluster (--cluster-primaries primaries, each with one replica) instead of one redis-server.")
+    var cluster = false
+    @Option(help: "Primaries of the --cluster (3…8).") var clusterPrimaries = 3
     @Flag(help: "Print the report as JSON.") var json = false
     @Option(help: "Run nothing: draw DIR/timeline.svg again from DIR/report.json (a report of an earlier run).") var redraw: String?
 
@@ -44,6 +50,7 @@ struct Chaos: AsyncParsableCommand {
         guard (1...1_000).contains(attempts), (1...1_000).contains(limit) else { throw ValidationError("--attempts and --limit must be 1…1000") }
         if let onLeaseLoss, !["keep", "close"].contains(onLeaseLoss) { throw ValidationError("--on-lease-loss is keep or close") }
         if let onRedisDown, !["local", "reject"].contains(onRedisDown) { throw ValidationError("--on-redis-down is local or reject") }
+        guard (3...8).contains(clusterPrimaries) else { throw ValidationError("--cluster-primaries must be 3…8 (Redis Cluster needs 3)") }
     }
 
     /// The scenario: a built-in name or a file.
@@ -59,7 +66,12 @@ struct Chaos: AsyncParsableCommand {
         var fleet = FleetOptions(executable: executable)
         fleet.nodes = nodes
         fleet.limit = limit
-        fleet.clockLibrary = clockLibrary
+        // scripts/chaos always passes the clock library; a cluster has no one clock to shift (clock-jump is refused).
+        fleet.clockLibrary = cluster ? nil : clockLibrary
+        if cluster {
+            fleet.clusterPrimaries = clusterPrimaries
+            fleet.proxies = false
+        }
         let renewMilliseconds = wholeMilliseconds(leaseRenewInterval.duration)
         var arguments = ["--lease-renew-interval", "\(renewMilliseconds)ms"]
         if let onLeaseLoss { arguments += ["--on-lease-loss", onLeaseLoss] }

@@ -76,7 +76,7 @@ struct Demo: AsyncParsableCommand {
             let live = fleet.ports.indices.filter { fleet.process($0) != nil }
             Self.say("\nthe fleet keeps running (demo-1 was killed) until Ctrl-C:")
             Self.say(
-                "  export FLEETGATE_REDIS_URL=\(fleet.redis.url) FLEETGATE_KEY_PREFIX=demo FLEETGATE_DEFAULT_LIMIT=\(limit) FLEETGATE_JWT_SECRET=\(fleet.options.secret)"
+                "  export FLEETGATE_REDIS_URL=\(fleet.redisURL) FLEETGATE_KEY_PREFIX=demo FLEETGATE_DEFAULT_LIMIT=\(limit) FLEETGATE_JWT_SECRET=\(fleet.options.secret)"
             )
             Self.say("  fleetgate status --watch")
             Self.say(

@@ -75,8 +75,7 @@ struct ClusterTests {
                 let key = "{moving}:a"
                 let slot = HashSlot.of(key)
                 try await client.set(key, to: "before")
-                let source = try await cluster.primary(forSlot: slot)
-                let target = try #require(try await cluster.primaries().first { $0.port != source.port })
+                let (_, target) = try await cluster.sourceAndTarget(ofSlot: slot)
                 try await cluster.migrateSlot(slot, to: target)
                 // The client's map still names the source: it gets MOVED and follows it.
                 #expect(try await client.get(key)?.string == "before")
@@ -124,8 +123,7 @@ struct ClusterTests {
                 let old = "{asking}:old"
                 let slot = HashSlot.of(old)
                 try await client.set(old, to: "on the source")
-                let source = try await cluster.primary(forSlot: slot)
-                let target = try #require(try await cluster.primaries().first { $0.port != source.port })
+                let (source, target) = try await cluster.sourceAndTarget(ofSlot: slot)
                 try await cluster.beginMigration(slot: slot, to: target)
                 // The source still has this key and serves it.
                 #expect(try await client.get(old)?.string == "on the source")
@@ -228,5 +226,14 @@ private final class LoadTally: Sendable {
 
     func fail(_ what: String) {
         failures.withLock { $0.append(what) }
+    }
+}
+
+extension RedisCluster {
+    /// The primary serving `slot` and another primary to move it to.
+    fileprivate func sourceAndTarget(ofSlot slot: Int) async throws -> (source: RedisServer, target: RedisServer) {
+        let source = try await primary(forSlot: slot)
+        let target = try #require(try await primaries().first { $0.port != source.port }, "no second primary to move slot \(slot) to")
+        return (source, target)
     }
 }

@@ -110,13 +110,7 @@ final class ClusterPubSub: Sendable {
     private func run(_ shard: Shard) async {
         await withDiscardingTaskGroup { group in
             group.addTask { await shard.connection.run() }
-            group.addTask {
-                let interval = max(self.cluster.configuration.commandTimeout, .seconds(1))
-                while !shard.connection.isStopped {
-                    do { try await Task.sleep(for: interval) } catch { return }
-                    _ = try? await shard.connection.send(RedisCommand("PING"), deadline: .now() + TimeAmount(interval))
-                }
-            }
+            group.addTask { await shard.connection.keepAlive(every: max(self.cluster.configuration.commandTimeout, .seconds(1))) }
         }
     }
 

@@ -112,8 +112,6 @@ final class ClusterRouter: Sendable {
         return .init(host: String(host), port: port)
     }
 
-    static func address(_ endpoint: RedisClientConfiguration.Endpoint) -> String { endpoint.description }
-
     // MARK: The slot map
 
     /// The primaries of the current map (after loading it if there is none yet).
@@ -159,7 +157,7 @@ final class ClusterRouter: Sendable {
         var candidates: [String] = []
         // Reachable primaries first, then the seeds, then primaries that could not be reached last time.
         let reachable = known.filter { connections[$0]?.isUnreachable != true }
-        for address in reachable + configuration.clusterSeeds.map(Self.address) + known where !candidates.contains(address) {
+        for address in reachable + configuration.clusterSeeds.map(\.description) + known where !candidates.contains(address) {
             candidates.append(address)
         }
         var lastError: RedisError?
@@ -206,7 +204,7 @@ final class ClusterRouter: Sendable {
                 throw RedisError(code: .protocolError, message: "CLUSTER SLOTS answered a malformed slot range: \(range)")
             }
             let host = node[0].string.flatMap { $0.isEmpty || $0 == "?" ? nil : $0 } ?? askedHost
-            let address = Self.address(.init(host: host, port: port))
+            let address = RedisClientConfiguration.Endpoint(host: host, port: port).description
             if !primaries.contains(address) { primaries.append(address) }
             for slot in start...end { owners[slot] = address }
         }
@@ -296,7 +294,7 @@ final class ClusterRouter: Sendable {
         guard let index = words.firstIndex(where: { $0 == "MOVED" || $0 == "ASK" }), index + 2 < words.count,
             let slot = Int(words[index + 1]), (0..<HashSlot.count).contains(slot), let endpoint = endpoint(words[index + 2])
         else { return nil }
-        return (slot, address(endpoint))
+        return (slot, endpoint.description)
     }
 
     // MARK: Requests

@@ -97,6 +97,17 @@ final class RedisConnection: Sendable {
     /// Whether ``stop()`` was called.
     var isStopped: Bool { stopped.load(ordering: .acquiring) }
 
+    /// For a pub/sub connection, which sends no requests of its own: a `PING` every `interval` until ``stop()`` or
+    /// cancellation. Its reply proves the link alive; without one the connection counts as stuck, closes and
+    /// re-subscribes on a new one — a half-open link would otherwise leave every subscription silently dead until TCP
+    /// noticed (hours).
+    func keepAlive(every interval: Duration) async {
+        while !isStopped {
+            do { try await Task.sleep(for: interval) } catch { return }
+            _ = try? await send(RedisCommand("PING"), deadline: .now() + TimeAmount(interval))
+        }
+    }
+
     /// Ends ``run()`` for good: the connection closes and is not opened again; waiting requests fail.
     func stop() {
         stopped.store(true, ordering: .releasing)
