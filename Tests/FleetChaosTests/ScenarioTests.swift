@@ -7,14 +7,29 @@ import Testing
 
 @Suite("Chaos scenarios and reports (pure logic; the runs themselves are in scripts/test)")
 struct ScenarioTests {
-    @Test("every built-in scenario is valid for three nodes, and the names list matches")
+    @Test("every built-in scenario is valid for three nodes (cluster on a cluster), and the names list matches")
     func builtIns() throws {
         for name in Scenario.builtInNames {
             let scenario = try #require(Scenario.builtIn(name), "\(name)")
-            try scenario.validate(nodes: 3)
+            try scenario.validate(nodes: 3, clusterPrimaries: name == "cluster" ? 3 : nil)
             #expect(scenario.name == name)
         }
         #expect(Scenario.builtIn("nope") == nil)
+    }
+
+    @Test("kill-primary needs a cluster and a primary in range; the faults of one server are refused on a cluster")
+    func clusterFaults() throws {
+        let cluster = try #require(Scenario.builtIn("cluster"))
+        #expect(throws: ChaosError.self) { try cluster.validate(nodes: 3) }
+        let fourth = Scenario(name: "p", duration: 30, faults: [.init(at: 1, kind: .killPrimary, node: 4)])
+        #expect(throws: ChaosError.self) { try fourth.validate(nodes: 3, clusterPrimaries: 3) }
+        try fourth.validate(nodes: 3, clusterPrimaries: 4)
+        for kind in [Scenario.Kind.partition, .redisRestart, .redisStop, .redisFull, .clockJump] {
+            let single = Scenario(name: "s", duration: 30, faults: [.init(at: 1, kind: kind, node: 1, for: 5, offset: 10)])
+            try single.validate(nodes: 3)
+            #expect(throws: ChaosError.self, "\(kind)") { try single.validate(nodes: 3, clusterPrimaries: 3) }
+        }
+        #expect(Scenario.Fault(at: 1, kind: .killPrimary, node: 2).label(prefix: "chaos") == "kill-primary 2")
     }
 
     @Test("--duration repeats the faults, shifted by the scenario's length, and keeps them within the run")
