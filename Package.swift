@@ -66,6 +66,9 @@ let package = Package(
         // glibc's allocator statistics (`mallinfo2`), which Swift's Glibc module does not import: the heap in use,
         // exported by `/metrics` so a leak can be told from the allocator keeping freed pages.
         .target(name: "CHeapStats"),
+        // posix_spawn with closefrom (glibc's _np actions, which Swift's Glibc module does not import): launching a
+        // child without Foundation's /proc/self/fd scan, which crashes with thousands of descriptors open.
+        .target(name: "CSpawn"),
         .target(
             name: "Gateway",
             dependencies: [
@@ -101,6 +104,7 @@ let package = Package(
         ),
         .target(
             name: "ChildProcesses",
+            dependencies: ["CSpawn"],
             swiftSettings: swiftSettings
         ),
         .target(

@@ -1,3 +1,4 @@
+import CSpawn
 import Foundation
 import Glibc
 import Synchronization
@@ -39,6 +40,31 @@ public enum ChildProcess {
             try runWithEmptySignalMask(process)
             return (output.fileHandleForReading, errors?.fileHandleForReading)
         }
+    }
+
+    /// Spawns `path` through `posix_spawn` (see ``LaunchedChild``) under the launch lock: stdin from /dev/null, stdout
+    /// and stderr onto `output` and `error`, every other descriptor closed in the child, an empty signal mask and
+    /// default signal dispositions. `failure` makes the error thrown from an errno value.
+    static func spawn(
+        _ path: String, arguments: [String], environment: [String], workingDirectory: String?, output: Int32, error: Int32,
+        failure: (Int32) -> any Error
+    ) throws -> Int32 {
+        func cStrings(_ strings: [String]) -> [UnsafeMutablePointer<CChar>?] { strings.map { strdup($0) } + [nil] }
+        let argv = cStrings(arguments)
+        let envp = cStrings(environment)
+        defer {
+            for pointer in argv { free(pointer) }
+            for pointer in envp { free(pointer) }
+        }
+        var pid: pid_t = 0
+        let result = launching.withLock { _ in
+            if let workingDirectory {
+                return fleetgate_spawn(path, argv, envp, workingDirectory, output, error, &pid)
+            }
+            return fleetgate_spawn(path, argv, envp, nil, output, error, &pid)
+        }
+        guard result == 0 else { throw failure(result) }
+        return pid
     }
 
     private static func runWithEmptySignalMask(_ process: Process) throws {

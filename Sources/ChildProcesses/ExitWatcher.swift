@@ -102,3 +102,31 @@ extension ExitWatcher {
         return watcher
     }
 }
+
+extension ExitWatcher {
+    /// Creates a watcher fed by a thread that waits for `pid` (a child spawned without Foundation's `Process`) and
+    /// reaps it: the status is its exit code, or the signal that ended it.
+    public static func reaping(_ pid: Int32) -> ExitWatcher {
+        let watcher = ExitWatcher()
+        let thread = Thread {
+            var status: Int32 = 0
+            while waitpid(pid, &status, 0) < 0 {
+                guard errno == EINTR else {
+                    // Reaped elsewhere or never ours: nothing more can be learnt; report it gone.
+                    watcher.markExited(status: -1, signaled: false)
+                    return
+                }
+            }
+            // WIFSIGNALED / WTERMSIG / WEXITSTATUS, which Swift's Glibc module does not import (macros).
+            let signal = status & 0x7f
+            if signal != 0, signal != 0x7f {
+                watcher.markExited(status: signal, signaled: true)
+            } else {
+                watcher.markExited(status: (status >> 8) & 0xff, signaled: false)
+            }
+        }
+        thread.name = "waitpid \(pid)"
+        thread.start()
+        return watcher
+    }
+}

@@ -3,14 +3,14 @@ import Glibc
 
 /// A child process launched through ``ChildProcess`` with its output going to files and its exit watched: what
 /// TestSupport's `RedisServer` and `GatewayProcess`, and the benchmarks' gateway nodes, share.
+///
+/// Launched with `posix_spawn` (the `CSpawn` shim), not Foundation's `Process`: `Process.run()` on Linux scans
+/// `/proc/self/fd` with a 256-byte copy per entry that over-reads glibc's `readdir` buffer
+/// (swift-corelibs-foundation PR #5472), and with the thousands of sockets the chaos runner's load holds, it crashed
+/// the runner within a few launches. The exit is collected by a thread of the child's own blocked in `waitpid`.
 public struct LaunchedChild: Sendable {
-    /// Kept so Foundation keeps monitoring the child; signals are sent by pid.
-    public let process: Process
+    public let pid: Int32
     public let watcher: ExitWatcher
-
-    public var pid: Int32 {
-        process.processIdentifier
-    }
 
     /// Launches `executable`.
     ///
@@ -32,20 +32,10 @@ public struct LaunchedChild: Sendable {
         purpose: String,
         watchdog: Bool = true
     ) throws -> LaunchedChild {
-        let process = Process()
-        process.executableURL = executable
-        process.arguments = arguments
-        if !environment.isEmpty {
-            var merged = ProcessInfo.processInfo.environment
-            for (name, value) in environment {
-                merged[name] = value.isEmpty ? nil : value
-            }
-            process.environment = merged
+        var merged = ProcessInfo.processInfo.environment
+        for (name, value) in environment {
+            merged[name] = value.isEmpty ? nil : value
         }
-        if let workingDirectory {
-            process.currentDirectoryURL = URL(fileURLWithPath: workingDirectory, isDirectory: true)
-        }
-        process.standardInput = FileHandle.nullDevice
         let output = try openForAppending(standardOutput)
         var errorOutput = output
         if let standardError, standardError != standardOutput {
@@ -56,23 +46,22 @@ public struct LaunchedChild: Sendable {
                 throw error
             }
         }
-        process.standardOutput = output
-        process.standardError = errorOutput
         // The child has its own copies of the descriptors once launched (or none if the launch failed).
         defer {
             try? output.close()
             if errorOutput !== output { try? errorOutput.close() }
         }
-        let watcher = ExitWatcher.attached(to: process)
-        do {
-            try ChildProcess.run(process)
-        } catch {
-            throw ChildProcessError("could not launch \(executable.path) \(purpose): \(error)")
+        let pid = try ChildProcess.spawn(
+            executable.path, arguments: [executable.path] + arguments, environment: merged.map { "\($0.key)=\($0.value)" },
+            workingDirectory: workingDirectory, output: output.fileDescriptor, error: errorOutput.fileDescriptor
+        ) { errorNumber in
+            ChildProcessError("could not launch \(executable.path) \(purpose): \(String(cString: strerror(errorNumber)))")
         }
+        let watcher = ExitWatcher.reaping(pid)
         if watchdog {
-            watcher.registerWithWatchdog(pid: process.processIdentifier)
+            watcher.registerWithWatchdog(pid: pid)
         }
-        return LaunchedChild(process: process, watcher: watcher)
+        return LaunchedChild(pid: pid, watcher: watcher)
     }
 
     /// SIGKILLs the process unless it has already exited (with SIGCONT in case it is stopped), and waits until it is

@@ -120,12 +120,16 @@ public struct ChaosReport: Codable, Sendable {
         // most one renewal interval after they end.
         let overshootAllowed = scenario.faults.contains { Self.overshootingFaults.contains($0.kind) }
         if overshootAllowed {
+            // A killed primary's users are counted locally until its replica is promoted (up to 10 s with the
+            // runner's 2 s cluster node timeout); the renewal after that closes what is over the limit.
+            let failover: Double = scenario.faults.contains { $0.kind == .killPrimary } ? 10 : 0
+            let allowed = renew + 3 + failover
             checks.append(
                 Check(
-                    name: "over-limit time", passed: summary.maxOverAge <= renew + 3,
+                    name: "over-limit time", passed: summary.maxOverAge <= allowed,
                     detail: String(
-                        format: "no user above the limit for longer than a renewal interval + 3 s (%.1f s): longest %.1f s, peak %d of %d",
-                        renew + 3, summary.maxOverAge, summary.peakPerUser, options.limit)))
+                        format: "no user above the limit for longer than %@a renewal interval + 3 s (%.1f s): longest %.1f s, peak %d of %d",
+                        failover > 0 ? "a failover (10 s) + " : "", allowed, summary.maxOverAge, summary.peakPerUser, options.limit)))
         } else {
             checks.append(
                 Check(
@@ -187,7 +191,10 @@ public struct ChaosReport: Codable, Sendable {
                     name: "SIGKILL \(kill.node)", passed: (kill.entriesGoneAfter ?? .infinity) <= 30,
                     detail: "entries gone after " + (kill.entriesGoneAfter.map { String(format: "%.1f s", $0) } ?? "more than the run")
                         + " (promise 30 s, goal 10 s)"
-                        + ", users back at the limit after " + (kill.usersBackAfter.map { String(format: "%.1f s", $0) } ?? "more than the run")))
+                        + (kill.users == 0
+                            ? ", it held no user's connection (its clients had found room on other nodes)"
+                            : ", users back at the limit after " + (kill.usersBackAfter.map { String(format: "%.1f s", $0) } ?? "more than the run")))
+            )
         }
         self.checks = checks
     }

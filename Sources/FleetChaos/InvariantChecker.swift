@@ -111,7 +111,10 @@ final class InvariantChecker: Sendable {
     func killed(slot: Int, node: String?, at: Double) {
         let open = load.openConnections()
         let affected = open.filter { ($0.value[ports[slot]] ?? 0) > 0 }.map(\.key).sorted()
-        state.withLock { $0.kills.append(Kill(slot: slot, node: node, at: at, users: affected)) }
+        var kill = Kill(slot: slot, node: node, at: at, users: affected)
+        // A node that held nobody (its clients had all found room elsewhere): no user has to come back.
+        if affected.isEmpty { kill.usersBackAfter = 0 }
+        state.withLock { [kill] in $0.kills.append(kill) }
     }
 
     func sample() async {
@@ -225,7 +228,8 @@ final class InvariantChecker: Sendable {
                 if kill.entriesGoneAfter == nil,
                     !entries.values.contains(where: { list in list.contains { $0.node == kill.node } })
                 {
-                    kill.entriesGoneAfter = t - kill.at
+                    // A sample taken just before the kill may already see none (a node that held nobody).
+                    kill.entriesGoneAfter = max(0, t - kill.at)
                 }
                 if !kill.dipped {
                     kill.dipped = kill.users.contains { (perUser[$0] ?? 0) < limit }

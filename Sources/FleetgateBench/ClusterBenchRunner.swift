@@ -157,7 +157,7 @@ public struct ClusterBenchRunner: Sendable {
         }
         lines += [
             "routing: cluster client on 1 primary / plain client on 1 server: \(format(result.routingRatio, 2))x (median of the rounds; "
-                + "the cluster client's cost: slot lookup, the users-index write awaited before the admission)",
+                + "the cluster client's cost: slot lookups, the users-index write and the script routed as a pipeline)",
             "scaling: 3 primaries / 1 server: \(format(result.scalingRatio, 2))x (median; on this machine the client, the node and "
                 + "every redis-server share the same cores, so this measures the client's cost more than what more shards give: "
                 + "on separate machines each primary adds its own CPU)",

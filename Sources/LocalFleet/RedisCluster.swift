@@ -362,7 +362,7 @@ public final class RedisCluster: Sendable {
     // MARK: - Internals
 
     private static func nodeID(askingServer server: RedisServer) async throws -> String {
-        let id = try await server.cli("CLUSTER", "MYID")
+        let id = try await server.query("CLUSTER", "MYID")
         guard id.count == 40, id.allSatisfy(\.isHexDigit) else {
             throw LocalFleetError("CLUSTER MYID on \(server.address) answered \"\(id)\" instead of a node ID")
         }
@@ -440,7 +440,7 @@ private struct Members: Sendable {
         var failures: [String] = []
         for server in running {
             do {
-                return (try ClusterTopology(clusterNodes: try await server.cli("CLUSTER", "NODES")), server)
+                return (try ClusterTopology(clusterNodes: try await server.query("CLUSTER", "NODES")), server)
             } catch {
                 failures.append("\(error)")
             }
@@ -486,12 +486,12 @@ private struct Members: Sendable {
     private func settlement(_ expectation: (ClusterTopology) -> String?) async throws -> Settlement {
         var agreed: (topology: ClusterTopology, server: RedisServer)?
         for server in running {
-            let info = Self.fields(try await server.cli("CLUSTER", "INFO"))
+            let info = Self.fields(try await server.query("CLUSTER", "INFO"))
             guard info["cluster_state"] == "ok", info["cluster_slots_assigned"] == String(RedisCluster.slotCount) else {
                 let state = "cluster_state:\(info["cluster_state"] ?? "?") cluster_slots_assigned:\(info["cluster_slots_assigned"] ?? "?")"
                 return .unsettled("\(server.address) reports \(state)")
             }
-            let topology = try ClusterTopology(clusterNodes: try await server.cli("CLUSTER", "NODES"))
+            let topology = try ClusterTopology(clusterNodes: try await server.query("CLUSTER", "NODES"))
             if let agreed, agreed.topology != topology {
                 let difference = agreed.topology.difference(from: topology)
                 return .unsettled("\(agreed.server.address) and \(server.address) disagree about \(difference)")
@@ -510,7 +510,7 @@ private struct Members: Sendable {
             }
             if node.isFailed || node.isSuspected { return .unsettled("running \(server.address) is flagged failing (\(node))") }
             if !node.isPrimary {
-                let replication = Self.fields(try await server.cli("INFO", "replication"))
+                let replication = Self.fields(try await server.query("INFO", "replication"))
                 guard replication["role"] == "slave", replication["master_link_status"] == "up" else {
                     let state = "role:\(replication["role"] ?? "?") master_link_status:\(replication["master_link_status"] ?? "?")"
                     return .unsettled("replica \(server.address) reports \(state)")

@@ -422,22 +422,27 @@ final class ClusterRouter: Sendable {
             if parts[address] == nil { order.append(address) }
             parts[address, default: []].append(index)
         }
+        // Every part but the last in a child task of its own; the last one in this task (one shard: no task at all).
+        func sendPart(_ address: String, _ connection: RedisConnection, _ batch: [RedisCommand]) async throws -> [Result<RESPValue, RedisError>] {
+            do {
+                return try await connection.send(batch: batch, deadline: deadline)
+            } catch let error as RedisError where [.connectFailed, .connectionRefused].contains(error.code) {
+                // Never sent (the primary cannot be reached): each command goes again on its own below, to whichever
+                // primary the map names by then.
+                return batch.map { _ in .failure(error) }
+            }
+        }
         let answered = try await withThrowingTaskGroup(of: (String, [Result<RESPValue, RedisError>]).self) { group in
-            for address in order {
+            for address in order.dropLast() {
                 let indexes = parts[address]!
                 let batch = indexes.map { commands[$0] }
                 let connection = connection(to: address)
-                group.addTask {
-                    do {
-                        return (address, try await connection.send(batch: batch, deadline: deadline))
-                    } catch let error as RedisError where [.connectFailed, .connectionRefused].contains(error.code) {
-                        // Never sent (the primary cannot be reached): each command goes again on its own below,
-                        // to whichever primary the map names by then.
-                        return (address, batch.map { _ in .failure(error) })
-                    }
-                }
+                group.addTask { (address, try await sendPart(address, connection, batch)) }
             }
             var answered: [String: [Result<RESPValue, RedisError>]] = [:]
+            if let last = order.last {
+                answered[last] = try await sendPart(last, connection(to: last), parts[last]!.map { commands[$0] })
+            }
             for try await (address, replies) in group { answered[address] = replies }
             return answered
         }
