@@ -17,6 +17,19 @@ public struct AdmitBenchResult: Sendable {
         var ratio: Double { limiter.requestsPerSecond / reference.requestsPerSecond }
     }
 
+    /// 1b. Redis server time per admission: admit.lua next to a minimal script, `redis-benchmark` running each in turn.
+    struct ScriptCost: Sendable {
+        /// Microseconds per EVALSHA (INFO commandstats, inner calls included), per run: admit.lua, then the minimal one.
+        var admit: [Double]
+        var minimal: [Double]
+        var ratio: Double { median(admit) / max(median(minimal), 0.001) }
+
+        func median(_ values: [Double]) -> Double {
+            let sorted = values.sorted()
+            return sorted.isEmpty ? 0 : sorted[sorted.count / 2]
+        }
+    }
+
     /// 2. Memory per live connection.
     struct Memory: Sendable {
         var users: Int
@@ -68,6 +81,7 @@ public struct AdmitBenchResult: Sendable {
 
     var throughput: Throughput
     var throughputShutdown: Shutdown
+    var scriptCost: ScriptCost?
     var memory: Memory?
     var upkeep: Upkeep?
     var memoryShutdown: Shutdown?
@@ -180,6 +194,8 @@ public struct AdmitBenchRunner: Sendable {
         }
         try await admin.unlinkKeys(matching: "\(prefix):a:*")
         var result = AdmitBenchResult(throughput: throughput, throughputShutdown: throughputShutdown)
+        status("\n1b server time per admission: admit.lua and a minimal script, in turn")
+        result.scriptCost = try await measureScriptCost(admin)
         guard memoryUsers > 0, memoryConnectionsPerUser > 0 else {
             status("\n")
             return result
@@ -232,6 +248,50 @@ public struct AdmitBenchRunner: Sendable {
         result.upkeep = upkeep
         result.memoryShutdown = memoryShutdown
         return result
+    }
+
+    /// A minimal admission script in the style of API gateways' limiters (APISIX's `limit-conn` on Redis): the
+    /// caller's clock, no override, no idempotency, no eviction — the floor admit.lua is measured against.
+    static let minimalScript = RedisScript(
+        """
+        local now = tonumber(ARGV[4])
+        redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+        if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+        redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+        redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+        return 1
+        """)
+
+    /// `redis-benchmark` runs admit.lua and the minimal script in turn, twice each (random users out of `users`,
+    /// fresh keys per run); `INFO commandstats` before and after each run gives EVALSHA's server time per call.
+    private func measureScriptCost(_ admin: RedisClient) async throws -> AdmitBenchResult.ScriptCost {
+        let minimalSHA = try await admin.load(Self.minimalScript)
+        let lease = Self.throughputLease.components.seconds * 1000
+        // The minimal script takes the caller's clock: redis-benchmark sends one fixed "now" (this run's start).
+        let now = Int(Date().timeIntervalSince1970 * 1000)
+        let runs = max(2_000, requests / 4)
+        var cost = AdmitBenchResult.ScriptCost(admit: [], minimal: [])
+        for round in 0..<2 {
+            for minimal in [false, true] {
+                let keys = "\(prefix):c\(round)\(minimal ? "m" : "a"):{u:__rand_int__}"
+                let common = ["-c", "\(clients)", "-n", "\(runs)", "-P", "\(pipeline)", "-r", "\(users)"]
+                let arguments =
+                    minimal
+                    ? common + ["EVALSHA", minimalSHA, "1", "\(keys):conns", "benchnode:__rand_int__", "\(limit)", "\(lease)", "\(now)"]
+                    : common + [
+                        "EVALSHA", admitScript.sha1, "4", "\(keys):conns", "\(keys):limit", "\(keys):since", "\(keys):kicked",
+                        "benchnode:__rand_int__", "\(limit)", "\(lease)", "reject", "0",
+                    ]
+                let before = try await snapshot(admin)
+                _ = try RedisBenchmarkTool.run(path: redisBenchmarkPath, configuration: configuration, arguments: arguments)
+                let used = try await snapshot(admin).delta("evalsha", since: before)
+                let perCall = used.calls > 0 ? Double(used.usec) / Double(used.calls) : 0
+                if minimal { cost.minimal.append(perCall) } else { cost.admit.append(perCall) }
+                try await admin.unlinkKeys(matching: "\(prefix):c\(round)\(minimal ? "m" : "a"):*")
+                status(".")
+            }
+        }
+        return cost
     }
 
     /// redis-benchmark running the limiter's admission script with keys and arguments shaped like the limiter's.
@@ -483,6 +543,17 @@ public struct AdmitBenchRunner: Sendable {
         ]
         if throughput.renewalDuringMeasurement {
             lines.append("   note: the measurement outlasted the node's first lease renewal (15 s), which competed with it")
+        }
+        if let cost = result.scriptCost {
+            lines += [
+                "",
+                "1b. Redis server time per admission (INFO commandstats, EVALSHA incl. inner calls; redis-benchmark runs each script "
+                    + "in turn, twice, random users out of \(users)):",
+                "   admit.lua (Redis clock, override, idempotency, kick marks): \(cost.admit.map { format($0, 2) }.joined(separator: " / ")) µs",
+                "   minimal script (caller's clock: ZREMRANGEBYSCORE, ZCARD, ZADD, PEXPIRE): "
+                    + "\(cost.minimal.map { format($0, 2) }.joined(separator: " / ")) µs",
+                "   ratio admit.lua / minimal: \(format(cost.ratio, 2))x (medians; goal <= 1.4)",
+            ]
         }
         if let memory = result.memory {
             func row(_ label: String, _ bytes: Int, perEntry: Double, _ rate: String) -> String {

@@ -40,12 +40,16 @@ public struct RedisBenchRunner: Sendable {
     /// Run the request tasks on the connection's event loop (``RedisClient/taskExecutor``) instead of the global executor.
     var onEventLoop = false
     var modes: [RedisBenchMode] = [.automatic, .explicit]
+    /// Pin redis-server (a local one) to CPU 1, and this process and redis-benchmark to CPU 0, for the run: the ratio
+    /// then measures the clients, not their competition with the server for two shared cores.
+    var pin = false
 
     /// A runner: `clients` × `pipeline` concurrent tasks beside `redis-benchmark -c clients -P pipeline`.
     public init(
         configuration: RedisClientConfiguration, clients: Int, requests: Int, pipeline: Int, redisBenchmarkPath: String, onEventLoop: Bool,
-        modes: [RedisBenchMode]
+        modes: [RedisBenchMode], pin: Bool = false
     ) {
+        self.pin = pin
         self.configuration = configuration
         self.clients = clients
         self.requests = requests
@@ -63,13 +67,24 @@ public struct RedisBenchRunner: Sendable {
             defer { group.cancelAll() }
             try await client.ping()
             try await client.load(Self.script)
+            var serverPID: Int32?
+            if pin {
+                serverPID = try await pinServerAndSelf(client)
+            }
+            defer {
+                if let serverPID {
+                    try? CPUPinning.pin(serverPID, to: CPUPinning.allCPUs)
+                    try? CPUPinning.pin(getpid(), to: CPUPinning.allCPUs)
+                }
+            }
             var results: [RedisBenchResult] = []
             for workload in workloads {
                 let reference = try RedisBenchmarkTool.run(
                     path: redisBenchmarkPath,
                     configuration: configuration,
                     arguments: ["-c", "\(clients)", "-n", "\(requests)", "-P", "\(pipeline)", "-r", "\(Self.keyspace)"]
-                        + Self.benchmarkCommand(workload)
+                        + Self.benchmarkCommand(workload),
+                    cpus: pin ? "0" : nil
                 )
                 // Warm up (connection, caches, allocator) with a tenth of the requests, then measure.
                 for mode in modes {
@@ -81,6 +96,26 @@ public struct RedisBenchRunner: Sendable {
             try await cleanUp(client)
             return results
         }
+    }
+
+    /// Pins the server (found by `INFO server`'s `process_id`; it must run on this machine) to CPU 1 and this process to
+    /// CPU 0; returns the server's pid so the pinning can be undone.
+    private func pinServerAndSelf(_ client: RedisClient) async throws -> Int32 {
+        guard ["127.0.0.1", "localhost", "::1"].contains(configuration.host) else {
+            throw CPUPinning.Failure(description: "--pin needs a redis-server on this machine (127.0.0.1), not \(configuration.address)")
+        }
+        guard ProcessInfo.processInfo.activeProcessorCount >= 2 else {
+            throw CPUPinning.Failure(description: "--pin needs two CPUs; this machine has \(ProcessInfo.processInfo.activeProcessorCount)")
+        }
+        let info = try await client.send("INFO", "server").string ?? ""
+        guard let line = info.split(whereSeparator: \.isNewline).first(where: { $0.hasPrefix("process_id:") }),
+            let pid = Int32(line.dropFirst("process_id:".count).trimmingCharacters(in: .whitespaces))
+        else {
+            throw CPUPinning.Failure(description: "INFO server of \(configuration.address) names no process_id")
+        }
+        try CPUPinning.pin(pid, to: "1")
+        try CPUPinning.pin(getpid(), to: "0")
+        return pid
     }
 
     static func benchmarkCommand(_ workload: RedisBenchWorkload) -> [String] {
@@ -122,8 +157,11 @@ public struct RedisBenchRunner: Sendable {
     }
 
     /// The printed report.
-    public static func report(_ results: [RedisBenchResult], clients: Int, pipeline: Int, requests: Int) -> String {
+    public static func report(_ results: [RedisBenchResult], clients: Int, pipeline: Int, requests: Int, pinned: Bool = false) -> String {
         var lines = [
+            pinned
+                ? "pinned: redis-server on CPU 1; this client and redis-benchmark on CPU 0 (taskset)"
+                : "not pinned: redis-server, this client and redis-benchmark share every CPU (--pin separates them)",
             "fleetgate bench redis: \(requests) requests; redis-benchmark -c \(clients) -P \(pipeline); client on 1 connection with",
             "  automatic = \(clients * pipeline) concurrent callers, 1 command each; explicit = \(clients) callers, pipeline() batches of \(pipeline)",
             pad("command", 9) + pad("mode", 11) + pad("client req/s", 14) + pad("p50 ms", 9) + pad("p99 ms", 9)

@@ -19,14 +19,20 @@ public enum RedisBenchmarkTool {
     }
 
     /// Runs it against the configured server and returns its throughput and latency.
-    static func run(path: String, configuration: RedisClientConfiguration, arguments: [String]) throws -> Measurement {
+    /// - Parameter cpus: a `taskset -c` CPU list to run it on (nil: anywhere).
+    static func run(path: String, configuration: RedisClientConfiguration, arguments: [String], cpus: String? = nil) throws -> Measurement {
         var connection = ["-h", configuration.host, "-p", "\(configuration.port)", "--csv"]
         if configuration.database != 0 { connection += ["--dbnum", "\(configuration.database)"] }
         if let user = configuration.username { connection += ["--user", user] }
         if let password = configuration.password { connection += ["-a", password] }
         let process = Process()
-        process.executableURL = URL(fileURLWithPath: path)
-        process.arguments = connection + arguments
+        if let cpus {
+            process.executableURL = URL(fileURLWithPath: try CPUPinning.tasksetPath())
+            process.arguments = ["-c", cpus, path] + connection + arguments
+        } else {
+            process.executableURL = URL(fileURLWithPath: path)
+            process.arguments = connection + arguments
+        }
         let output = Pipe()
         let errors = Pipe()
         process.standardOutput = output
@@ -55,4 +61,37 @@ public enum RedisBenchmarkTool {
         else { return nil }
         return Measurement(requestsPerSecond: rate, p50Milliseconds: median, p99Milliseconds: tail)
     }
+}
+
+/// `taskset` (util-linux): pinning a process, all of its threads, to CPUs, and undoing it.
+enum CPUPinning {
+    struct Failure: Error, CustomStringConvertible {
+        var description: String
+    }
+
+    static func tasksetPath() throws -> String {
+        for candidate in ["/usr/bin/taskset", "/bin/taskset"] where FileManager.default.isExecutableFile(atPath: candidate) {
+            return candidate
+        }
+        throw Failure(description: "taskset not found (util-linux): --pin needs it")
+    }
+
+    /// `taskset -a -p -c cpus pid`: every thread of `pid`, and the threads it starts later, on `cpus`.
+    static func pin(_ pid: Int32, to cpus: String) throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: try tasksetPath())
+        process.arguments = ["-a", "-p", "-c", cpus, String(pid)]
+        process.standardOutput = FileHandle.nullDevice
+        let errors = Pipe()
+        process.standardError = errors
+        try process.run()
+        let errorText = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else {
+            throw Failure(description: "taskset -a -p -c \(cpus) \(pid) failed (exit \(process.terminationStatus)): \(errorText)")
+        }
+    }
+
+    /// Every CPU this machine has, as a `taskset -c` list.
+    static var allCPUs: String { "0-\(max(0, ProcessInfo.processInfo.activeProcessorCount - 1))" }
 }

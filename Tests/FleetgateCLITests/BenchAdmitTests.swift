@@ -114,6 +114,7 @@ struct BenchAdmitTests {
             #expect(firstNumber(after: "limiter admission path") != nil, "no bytes per connection in:\n\(text)")
             #expect(firstNumber(after: "admission script alone") != nil, "no script-alone bytes per connection in:\n\(text)")
             #expect(firstNumber(after: "command time (INFO commandstats), of which:") != nil, "no upkeep CPU in:\n\(text)")
+            #expect((firstNumber(after: "ratio admit.lua / minimal:") ?? 0) > 0, "no script server time ratio in:\n\(text)")
             #expect(text.contains("1 renewal round"), "\(text)")
             #expect(text.contains("users index in the same write"), "\(text)")
             #expect(!text.contains("drain failed"), "\(text)")

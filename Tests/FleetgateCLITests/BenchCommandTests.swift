@@ -71,4 +71,22 @@ struct BenchCommandTests {
             #expect(keys == "0")
         }
     }
+
+    @Test("--pin runs redis-server on CPU 1 and the clients on CPU 0, and gives the server every CPU back afterwards")
+    func pinned() async throws {
+        try await RedisServer.withServer { server throws in
+            let run = try await runFleetgate([
+                "bench", "redis", "--url", server.url, "--clients", "2", "--requests", "2000", "--pipeline", "4", "--command", "set",
+                "--mode", "automatic", "--pin",
+            ])
+            #expect(run.status == 0, "\(run.output)\n\(run.errors)")
+            #expect(run.output.contains("pinned: redis-server on CPU 1"), "\(run.output)")
+            let pid = try #require(server.pid)
+            // Every CPU again once the run is over.
+            let affinity = try String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)
+                .split(separator: "\n").first { $0.hasPrefix("Cpus_allowed_list:") }?
+                .split(separator: "\t").last.map(String.init)
+            #expect(affinity == "0-\(ProcessInfo.processInfo.activeProcessorCount - 1)", "redis-server still pinned: \(affinity ?? "?")")
+        }
+    }
 }

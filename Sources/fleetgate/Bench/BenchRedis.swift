@@ -40,6 +40,9 @@ struct BenchRedis: AsyncParsableCommand {
     @Option(help: "Path of redis-benchmark (default: found on PATH).")
     var redisBenchmark: String?
 
+    @Flag(help: "Pin a local redis-server to CPU 1, and this client and redis-benchmark to CPU 0 (taskset), for the run.")
+    var pin = false
+
     @OptionGroup var figureOptions: FigureOptions
 
     func validate() throws {
@@ -63,10 +66,11 @@ struct BenchRedis: AsyncParsableCommand {
             pipeline: pipeline,
             redisBenchmarkPath: benchmarkPath,
             onEventLoop: eventLoopExecutor,
-            modes: mode
+            modes: mode,
+            pin: pin
         )
         let results = try await runner.run(command)
-        print(RedisBenchRunner.report(results, clients: clients, pipeline: pipeline, requests: requests))
+        print(RedisBenchRunner.report(results, clients: clients, pipeline: pipeline, requests: requests, pinned: pin))
         try figureOptions.finish(results.map(\.figure))
     }
 }
