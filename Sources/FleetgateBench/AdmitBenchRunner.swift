@@ -69,6 +69,14 @@ public struct AdmitBenchResult: Sendable {
         /// redis-server's user + system CPU in the window (µs).
         var processCPU: Double
         var commandTime: Double { scripts + sadd + pexpire + hset }
+        /// The naive reference, measured in the same run: µs of one `ZADD` (redis-benchmark on keys like the users'),
+        /// of which a naive keep-alive sends one per connection every renewal interval.
+        var naiveZADDMicroseconds: Double?
+        var renewIntervalSeconds: Double = 10
+        /// Command time of the naive design over the same window: connections / interval × window × µs per ZADD.
+        var naiveCommandTime: Double? {
+            naiveZADDMicroseconds.map { Double(connections) / renewIntervalSeconds * seconds * $0 }
+        }
     }
 
     /// A node's graceful shutdown.
@@ -239,7 +247,9 @@ public struct AdmitBenchRunner: Sendable {
             )
             // 3. Upkeep of those connections.
             status("\n3/3 Redis CPU of \(limiter.localConnectionCount) live connections: one renewal round (every \(renewInterval))")
-            let upkeep = try await measureUpkeep(admin, connections: limiter.localConnectionCount)
+            var upkeep = try await measureUpkeep(admin, connections: limiter.localConnectionCount)
+            upkeep.naiveZADDMicroseconds = try await measureZADD(admin)
+            upkeep.renewIntervalSeconds = Self.seconds(renewInterval)
             status(", shutting down\n")
             return (memory, upkeep)
         }
@@ -474,6 +484,21 @@ public struct AdmitBenchRunner: Sendable {
         )
     }
 
+    /// µs per `ZADD` of one member with a score (the naive keep-alive's command), `redis-benchmark` on random users'
+    /// keys beside the live ones, from `INFO commandstats`.
+    private func measureZADD(_ admin: RedisClient) async throws -> Double {
+        let before = try await snapshot(admin)
+        _ = try RedisBenchmarkTool.run(
+            path: redisBenchmarkPath, configuration: configuration,
+            arguments: [
+                "-c", "\(clients)", "-n", "\(max(10_000, requests / 4))", "-P", "\(pipeline)", "-r", "\(memoryUsers)",
+                "ZADD", "\(prefix):z:{u:__rand_int__}:conns", "9999999999999", "benchnode:__rand_int__",
+            ])
+        let zadd = try await snapshot(admin).delta("zadd", since: before)
+        try await admin.unlinkKeys(matching: "\(prefix):z:*")
+        return zadd.calls > 0 ? Double(zadd.usec) / Double(zadd.calls) : 0
+    }
+
     // MARK: Helpers
 
     /// Members of every `<keyPrefix>:{u:*}:conns` set (SCAN + pipelined ZCARD).
@@ -598,6 +623,13 @@ public struct AdmitBenchRunner: Sendable {
                 row("  HSET node hash (heartbeat)", upkeep.hset),
                 row("redis-server process CPU (INFO cpu, with I/O)", upkeep.processCPU),
             ]
+            if let naive = upkeep.naiveCommandTime, let zadd = upkeep.naiveZADDMicroseconds {
+                lines += [
+                    row("naive reference: 1 ZADD per connection every \(format(upkeep.renewIntervalSeconds, 0)) s", naive),
+                    "   (ZADD measured in this run: \(format(zadd, 2)) µs per call)",
+                    "   ratio command time / naive: \(format(upkeep.commandTime / max(naive, 0.001), 2))x (goal <= 0.3)",
+                ]
+            }
             if upkeep.renewalPipelines != upkeep.pipelinesPerRound {
                 lines.append(
                     "   note: the window saw \(upkeep.renewalPipelines) renewal pipelines, one round sends \(upkeep.pipelinesPerRound) "

@@ -115,6 +115,7 @@ struct BenchAdmitTests {
             #expect(firstNumber(after: "admission script alone") != nil, "no script-alone bytes per connection in:\n\(text)")
             #expect(firstNumber(after: "command time (INFO commandstats), of which:") != nil, "no upkeep CPU in:\n\(text)")
             #expect((firstNumber(after: "ratio admit.lua / minimal:") ?? 0) > 0, "no script server time ratio in:\n\(text)")
+            #expect((firstNumber(after: "ratio command time / naive:") ?? 0) > 0, "no naive keep-alive reference in:\n\(text)")
             #expect(text.contains("1 renewal round"), "\(text)")
             #expect(text.contains("users index in the same write"), "\(text)")
             #expect(!text.contains("drain failed"), "\(text)")
