@@ -11,8 +11,6 @@ struct ClusterGatewayTests {
     func gatewayAndCLIOnCluster() async throws {
         try await RedisCluster.withCluster { cluster in
             let prefix = uniqueKeyPrefix("cluster-gateway")
-            let executable = try GatewayProcess.fleetgateExecutable()
-            var nodes: [GatewayProcess] = []
             func cli(_ arguments: [String]) async throws -> String {
                 let result = try await CLI.run(arguments, environment: ["FLEETGATE_REDIS_URL": cluster.seedURL, "FLEETGATE_KEY_PREFIX": prefix])
                 try #require(result.status == 0, "fleetgate \(arguments.joined(separator: " ")) failed: \(result.err)")
@@ -21,16 +19,7 @@ struct ClusterGatewayTests {
             func cliJSON(_ arguments: [String]) async throws -> [String: Any] {
                 try JSONSerialization.jsonObject(with: Data(try await cli(arguments + ["--json"]).utf8)) as? [String: Any] ?? [:]
             }
-            do {
-                for index in 0..<2 {
-                    nodes.append(
-                        try await GatewayProcess.start(
-                            executable: executable,
-                            arguments: [
-                                "serve", "--port", "0", "--redis", cluster.seedURL, "--key-prefix", prefix, "--node-name", "cnode-\(index)",
-                                "--jwt-secret", Tokens.secret, "--admin-token", adminToken, "--default-limit", "3", "--log-level", "debug",
-                            ]))
-                }
+            try await withGatewayNodes(2, redisURL: cluster.seedURL, prefix: prefix, arguments: ["--default-limit", "3"]) { nodes in
                 // One user per shard: the limit holds for each, across both nodes.
                 let users = ["cleo", "dora", "egon"]
                 let shards = Set(
@@ -100,14 +89,7 @@ struct ClusterGatewayTests {
                     return keys.filter { $0.hasSuffix(":conns") }.isEmpty
                 }
                 #expect(leftovers, "connection entries left on the cluster after the drain")
-            } catch {
-                for node in nodes {
-                    await node.kill()
-                    print("--- \(node), last lines of stderr:\n\(node.standardError().split(separator: "\n").suffix(40).joined(separator: "\n"))")
-                }
-                throw error
             }
-            for node in nodes where !node.hasExited { await node.kill() }
         }
     }
 }

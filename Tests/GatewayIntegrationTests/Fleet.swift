@@ -28,29 +28,9 @@ struct Fleet: Sendable {
             server = try await SharedRedisServer.get()
         }
         let prefix = uniqueKeyPrefix(label)
-        let executable = try GatewayProcess.fleetgateExecutable()
-        var nodes: [GatewayProcess] = []
-        do {
-            for index in 0..<count {
-                nodes.append(
-                    try await GatewayProcess.start(
-                        executable: executable,
-                        arguments: [
-                            "serve", "--port", "0", "--redis", server.url, "--key-prefix", prefix, "--node-name", "node-\(index)",
-                            "--jwt-secret", Tokens.secret, "--admin-token", adminToken, "--log-level", "debug",
-                        ] + arguments
-                    ))
-            }
+        try await withGatewayNodes(count, redisURL: server.url, prefix: prefix, arguments: arguments) { nodes in
             try await body(Fleet(nodes: nodes, redis: server, prefix: prefix))
-        } catch {
-            for node in nodes {
-                await node.kill()
-                // What the node said is the best clue to why the test failed.
-                print("--- \(node), last lines of stderr:\n\(node.standardError().split(separator: "\n").suffix(40).joined(separator: "\n"))")
-            }
-            throw error
         }
-        for node in nodes where !node.hasExited { await node.kill() }
     }
 
     /// The Redis keys under this fleet's prefix.
@@ -71,4 +51,34 @@ struct Fleet: Sendable {
         try await RawHTTP.get(
             port: nodes[node].port, path: "/ws", headers: token.map { ["Authorization": "Bearer \($0)"] } ?? [:], upgrade: true)
     }
+}
+
+/// Starts `count` `fleetgate serve` nodes (`node-0`…) on `redisURL` under `prefix` and runs `body` with them; every
+/// node is stopped afterwards — on an error with SIGKILL, printing the last lines each wrote to stderr (the best clue
+/// to why the test failed) — so nothing outlives the test.
+func withGatewayNodes(
+    _ count: Int, redisURL: String, prefix: String, arguments: [String] = [], _ body: ([GatewayProcess]) async throws -> Void
+) async throws {
+    let executable = try GatewayProcess.fleetgateExecutable()
+    var nodes: [GatewayProcess] = []
+    do {
+        for index in 0..<count {
+            nodes.append(
+                try await GatewayProcess.start(
+                    executable: executable,
+                    arguments: [
+                        "serve", "--port", "0", "--redis", redisURL, "--key-prefix", prefix, "--node-name", "node-\(index)",
+                        "--jwt-secret", Tokens.secret, "--admin-token", adminToken, "--log-level", "debug",
+                    ] + arguments
+                ))
+        }
+        try await body(nodes)
+    } catch {
+        for node in nodes {
+            await node.kill()
+            print("--- \(node), last lines of stderr:\n\(node.standardError().split(separator: "\n").suffix(40).joined(separator: "\n"))")
+        }
+        throw error
+    }
+    for node in nodes where !node.hasExited { await node.kill() }
 }
