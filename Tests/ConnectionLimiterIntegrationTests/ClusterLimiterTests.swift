@@ -28,17 +28,22 @@ struct ClusterLimiterTests {
                 let elapsed = started.duration(to: .now)
                 print("cluster: 21st connection after 20 zombies admitted in \(elapsed)")
                 #expect(elapsed < .seconds(2))
-                // The cleanup purged this node's zombies and had the live peer verify its own away (over the control
-                // channel, across shards); that made room, so the dead node's entries wait for the sweeper. On a
-                // loaded machine the peer's answer can come after the requester stopped waiting (verifyTimeout): its
-                // removal still lands.
-                let expected = Set((0..<7).map { "deadnod1:z\($0)" } + ["\(a.limiter.nodeID):c21"])
+                // Room was made one of two ways. Usually the admission is denied and the cleanup purges this node's
+                // zombies and has the live peer verify its own away (over the control channel, across shards), so
+                // the dead node's entries wait for the sweeper. But when this node's sweeper has already counted
+                // deadnod1 dead (its registry entry is expired; seen on a loaded CI machine), the admission script
+                // drops deadnod1's entries at once and admits without a cleanup: the live nodes' zombies then stay,
+                // harmless below the limit, until a denial needs them gone. Either way: c21 in, at most 20, and one
+                // whole kind of zombie gone. (The peer's answer may come after the requester stopped waiting.)
+                let c21 = "\(a.limiter.nodeID):c21"
                 var left: [String] = []
-                let cleaned = try await eventually(timeout: .seconds(5)) {
+                let settled = try await eventually(timeout: .seconds(5)) {
                     left = try await redis.send("ZRANGE", conns, 0, -1).array?.compactMap(\.string) ?? []
-                    return Set(left) == expected
+                    let dead = left.filter { $0.hasPrefix("deadnod1:") }
+                    let live = left.filter { !$0.hasPrefix("deadnod1:") && $0 != c21 }
+                    return left.contains(c21) && left.count <= 20 && (dead.isEmpty || live.isEmpty)
                 }
-                #expect(cleaned, "left: \(left.sorted())")
+                #expect(settled, "left: \(left.sorted())")
             }
             await a.stop()
             await b.stop()
