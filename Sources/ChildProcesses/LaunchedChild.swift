@@ -9,7 +9,9 @@ import Glibc
 /// (swift-corelibs-foundation PR #5472), and with the thousands of sockets the chaos runner's load holds, it crashed
 /// the runner within a few launches. The exit is collected by a thread of the child's own blocked in `waitpid`.
 public struct LaunchedChild: Sendable {
+    /// The child's process id (signals are sent to it; it leads a process group of its own).
     public let pid: Int32
+    /// Learns of the child's exit (from the `waitpid` thread).
     public let watcher: ExitWatcher
 
     /// Launches `executable`.
