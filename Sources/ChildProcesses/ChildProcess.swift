@@ -5,7 +5,9 @@ import Synchronization
 
 /// Launching child processes so they behave like ones started from a shell, one at a time.
 ///
-/// Every child of this process (tests, benchmarks, the chaos runner) must be launched here (``run(_:)``, ``runCapturingOutput(_:error:)``): Foundation's
+/// Every child of this process (tests, benchmarks, the chaos runner) must be launched here: long-lived ones through
+/// ``LaunchedChild`` (`posix_spawn`, no Foundation), short ones whose output is read through ``run(_:)`` and
+/// ``runCapturingOutput(_:error:)``, which use Foundation's `Process`. All launches are serialised: Foundation's
 /// `Process.run()` on Linux is not safe against a concurrent launch. It lists the open descriptors (to close them in
 /// the child), then creates an inheritable socket pair (to learn of the child's exit), then spawns; a descriptor that
 /// another thread creates in between (the socket pair of a concurrent launch, a `Pipe`) leaks into the child. When that

@@ -4,8 +4,8 @@ import Synchronization
 
 /// Records that a child process has exited and lets any number of tasks await that moment.
 ///
-/// `Process.terminationHandler` calls ``markExited(status:signaled:)`` from Foundation's own thread; waiters that
-/// arrive after that return immediately, so there is no window in which the exit can be missed.
+/// The child's `waitpid` thread (``reaping(_:)``) calls ``markExited(status:signaled:)``; waiters that arrive after
+/// that return immediately, so there is no window in which the exit can be missed.
 public final class ExitWatcher: Sendable {
     /// How the process ended.
     public struct Termination: Sendable, CustomStringConvertible {
@@ -89,17 +89,6 @@ public final class ExitWatcher: Sendable {
                 }
             }
         }
-    }
-}
-
-extension ExitWatcher {
-    /// Creates a watcher and installs it as `process`'s termination handler (call before `run()`).
-    public static func attached(to process: Process) -> ExitWatcher {
-        let watcher = ExitWatcher()
-        process.terminationHandler = { process in
-            watcher.markExited(status: process.terminationStatus, signaled: process.terminationReason == .uncaughtSignal)
-        }
-        return watcher
     }
 }
 

@@ -271,7 +271,7 @@ extension ConnectionLimiter {
             }
         }
         var results = try await redis.pipeline(steps, timeout: configuration.admissionTimeout)
-        if results.count == 3 {
+        if steps.count == 3 {  // the index write went with the script (cluster)
             let indexed = results[0].flatMap { _ in results[1] }
             results.removeFirst(2)
             if case .failure(let error) = indexed {
