@@ -57,7 +57,8 @@ public struct Denial: Sendable, Hashable, CustomStringConvertible {
     public var limit: Int
     /// The current entries.
     public var holders: [Holder]
-    /// When trying again may succeed: the soonest a holder's lease could end, at least one second.
+    /// When trying again may succeed: the soonest a holder's lease could end, at least one second and at most 30
+    /// seconds (by then every stale entry is gone; live holders renew their leases).
     public var retryAfter: Duration
     /// How the decision was made. With ``Admission/Basis/localFallback`` (Redis unreachable), `count` is the user's
     /// connections on this node and `limit` this node's share of the user's limit.

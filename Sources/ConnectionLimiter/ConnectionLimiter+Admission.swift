@@ -300,7 +300,8 @@ extension ConnectionLimiter {
             metrics.denied.increment()
             let holders = reply.holders
             let soonest = holders.map(\.expiry).min().map { $0 - reply.now } ?? 1000
-            let retry = Duration.milliseconds(min(max(soonest, 1000), leaseMilliseconds))
+            // The earliest holder's lease, but no later than 30 s: any entry still stale by then is gone (README).
+            let retry = Duration.milliseconds(min(max(soonest, 1000), leaseMilliseconds, 30_000))
             log.debug("admission denied", metadata: metadata([LogKey.count: "\(reply.count)", LogKey.limit: "\(reply.limit)"]))
             return .denied(
                 Denial(

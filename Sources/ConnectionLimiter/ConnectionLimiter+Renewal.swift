@@ -4,13 +4,34 @@ import RedisClient
 import Synchronization
 
 extension ConnectionLimiter {
-    /// Every renew interval: renew the lease of exactly the connections open here, batched per user key and
-    /// pipelined; re-add entries that are missing while the user is under the limit; close the ones that cannot be.
+    /// Renews the lease of exactly the connections open here, batched per user key and pipelined; re-adds entries
+    /// that are missing while the user is under the limit; closes the ones that cannot be. A round runs every renew
+    /// interval, and early — at most one a second — when Redis may have lost entries or this node holds connections
+    /// counted locally only: the Redis client established a connection since the last round (a restart, a failover,
+    /// a healed cut: the server's data may be older than what was written), or an admission or re-admission fell back
+    /// to the local count. So the long interval costs nothing in how fast lost entries come back.
     func renewalLoop() async {
-        while await pause(configuration.lease.renewInterval) {
+        var lastRound = clock.now
+        var connects = redis.connectionsEstablished
+        let check = min(Self.earlyRenewalSpacing, configuration.lease.renewInterval)
+        while await pause(check) {
+            let now = clock.now
+            let sinceLast = lastRound.duration(to: now)
+            let established = redis.connectionsEstablished
+            let unheld = state.withLock { $0.table.unheldCount > 0 }
+            guard sinceLast >= configuration.lease.renewInterval || established != connects || unheld else { continue }
+            connects = established
+            lastRound = now
             await renewLeases()
         }
     }
+
+    /// The shortest time between two renewal rounds started by the renewal loop (early rounds after a reconnect, or
+    /// for connections counted locally only, retry this often while Redis does not answer).
+    static let earlyRenewalSpacing = Duration.seconds(1)
+
+    /// The deadline of one renewal pipeline: a round that Redis does not answer gives way to the next early one.
+    var renewalTimeout: Duration { min(configuration.lease.renewInterval, .seconds(10)) }
 
     /// One renewal round. Connections still held under an earlier incarnation (a re-admission is under way) wait
     /// for it; connections counted only locally (admitted while Redis was down) are added now.
@@ -43,7 +64,7 @@ extension ConnectionLimiter {
             steps.append(.command(RedisCommand("PEXPIRE", keys.users(node), leaseMilliseconds + nodeTTLMilliseconds)))
             let results: [Result<RESPValue, RedisError>]
             do {
-                results = try await redis.pipeline(steps, timeout: configuration.lease.renewInterval)
+                results = try await redis.pipeline(steps, timeout: renewalTimeout)
             } catch {
                 // Leases run out after lease.ttl: a few failed rounds in a row put this node's connections at risk.
                 nodeLogger(node).warning(

@@ -12,12 +12,21 @@ public struct LimiterConfiguration: Sendable {
         public init() {}
     }
 
-    /// Connection leases: the backstop that expires entries nobody renews (zombies).
+    /// Connection leases: the backstop that expires entries nobody owns any more.
+    ///
+    /// Every stale entry the fleet can make has a faster remover than the lease — the sweeper for a dead node's
+    /// entries (within about ``Heartbeat/nodeTTL``), the release retry and the orphan cleanup for a live node's
+    /// unconfirmed writes (every second once Redis answers), the emergency cleanup with its verify and probe at a
+    /// denial (within ``LimiterConfiguration/verifyTimeout``) — so the lease is long and its renewal rare; entries
+    /// lost by Redis come back at the early renewal that follows every reconnect, not at the next interval. What
+    /// only the lease ends is listed in the README (guarantees): double faults such as a cluster node crashing
+    /// between its index write and its admission.
     public struct Lease: Sendable, Hashable {
-        /// Lease of each connection entry. Defaults to 30 seconds.
-        public var ttl: Duration = .seconds(30)
-        /// Time between renewals of every open connection's lease. Defaults to 10 seconds.
-        public var renewInterval: Duration = .seconds(10)
+        /// Lease of each connection entry. Defaults to 5 minutes.
+        public var ttl: Duration = .seconds(300)
+        /// Time between renewals of every open connection's lease (early rounds come after a reconnect). Defaults to
+        /// 2 minutes.
+        public var renewInterval: Duration = .seconds(120)
         /// Creates the defaults.
         public init() {}
     }

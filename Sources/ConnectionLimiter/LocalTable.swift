@@ -26,6 +26,24 @@ struct LocalTable: Sendable {
     private var nextSequence: UInt64 = 0
     /// Connections in state `.open`, kept up to date by every change (read on every admission and heartbeat).
     private(set) var openCount = 0
+    /// Open connections counted locally only (no member in Redis: admitted or re-added while Redis was away), kept
+    /// up to date by every change: the renewal loop adds them as soon as Redis answers instead of at its next round.
+    private(set) var unheldCount = 0
+
+    /// Applies `change` to connection `id` and keeps the counts true.
+    private mutating func update(_ id: String, _ change: (inout Connection) -> Void) {
+        guard var connection = connections[id] else { return }
+        count(connection, -1)
+        change(&connection)
+        count(connection, 1)
+        connections[id] = connection
+    }
+
+    private mutating func count(_ connection: Connection, _ sign: Int) {
+        guard connection.state == .open else { return }
+        openCount += sign
+        if connection.node == nil { unheldCount += sign }
+    }
 
     /// Adds a pending connection; returns `false` when the id is already in use by another user.
     mutating func addPending(_ id: String, user: UserID, limit: Int) -> Bool {
@@ -40,9 +58,10 @@ struct LocalTable: Sendable {
     /// application released it meanwhile: the caller must remove the member it just added.
     mutating func admitted(_ id: String, node: String?) -> Bool {
         guard let state = connections[id]?.state, state == .pending || state == .open else { return false }
-        if state == .pending { openCount += 1 }
-        connections[id]?.state = .open
-        connections[id]?.node = node
+        update(id) {
+            $0.state = .open
+            $0.node = node
+        }
         return true
     }
 
@@ -50,21 +69,20 @@ struct LocalTable: Sendable {
     /// open here (released meanwhile): the caller must remove that member again.
     mutating func adopt(_ id: String, node: String) -> Bool {
         guard connections[id]?.state == .open else { return false }
-        connections[id]?.node = node
+        update(id) { $0.node = node }
         return true
     }
 
     /// An open connection whose member could not be written: it is counted locally until a renewal re-adds it.
     mutating func detach(_ id: String) {
         guard connections[id]?.state == .open else { return }
-        connections[id]?.node = nil
+        update(id) { $0.node = nil }
     }
 
     /// Marks a connection as released by the application; returns it as it was before.
     mutating func markReleasing(_ id: String) -> Connection? {
         guard let connection = connections[id] else { return nil }
-        if connection.state == .open { openCount -= 1 }
-        connections[id]?.state = .releasing
+        update(id) { $0.state = .releasing }
         return connection
     }
 
@@ -72,7 +90,7 @@ struct LocalTable: Sendable {
     @discardableResult
     mutating func remove(_ id: String) -> (Connection, lastOfUser: Bool)? {
         guard let connection = connections.removeValue(forKey: id) else { return nil }
-        if connection.state == .open { openCount -= 1 }
+        count(connection, -1)
         byUser[connection.user]?.remove(id)
         let last = byUser[connection.user]?.isEmpty ?? true
         if last { byUser[connection.user] = nil }

@@ -26,13 +26,19 @@ public final class RedisClient: Sendable, Service {
     /// Cluster mode (``RedisClientConfiguration/clusterSeeds``): the slot map and one connection per primary.
     let cluster: ClusterRouter?
     let logger: Logger
+    let events = ConnectEvents()
+
+    /// How many connections the client has established since it started (commands and pub/sub, every cluster node).
+    /// A change means a server was reached anew — a restart, a failover, a healed network cut — and its data may
+    /// differ from what was written to it before (a restart without persistence, writes a promoted replica never got).
+    public var connectionsEstablished: UInt64 { events.value }
 
     /// Creates a client. It connects when ``run()`` starts.
     public init(configuration: RedisClientConfiguration, logger: Logger = Logger(label: "fleetgate.redis")) {
         self.configuration = configuration
         self.logger = logger
-        self.connection = RedisConnection(configuration: configuration, mode: .commands, logger: logger)
-        self.cluster = configuration.isCluster ? ClusterRouter(configuration: configuration, logger: logger) : nil
+        self.connection = RedisConnection(configuration: configuration, mode: .commands, logger: logger, events: events)
+        self.cluster = configuration.isCluster ? ClusterRouter(configuration: configuration, logger: logger, events: events) : nil
         let router = PubSubRouter(address: configuration.address, logger: logger)
         self.pubSub = router
         self.pubSubConnection = RedisConnection(
@@ -40,7 +46,7 @@ public final class RedisClient: Sendable, Service {
             mode: .pubSub(
                 onPush: { [weak router] in router?.push($0) }, onReady: { [weak router] in router?.connected($0) },
                 awaitsSubscribeAnswer: { [weak router] in (router?.unansweredSubscribes ?? 0) > 0 }),
-            logger: logger
+            logger: logger, events: events
         )
         router.attach(pubSubConnection)
     }

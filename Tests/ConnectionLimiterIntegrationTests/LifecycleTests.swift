@@ -10,7 +10,7 @@ struct LifecycleTests {
         let server = try await SharedRedisServer.get()
         var configuration = testConfiguration()
         configuration.heartbeat = .init()  // the product defaults: 1 s heartbeat, 5 s node TTL,
-        configuration.lease = .init()  // 30 s leases renewed every 10 s: only the sweeper can be this fast
+        configuration.lease = .init()  // 5 min leases renewed every 2 min: only the sweeper can be this fast
         let survivor = try await LimiterNode.start(server.url, configuration)
         let victim = try await LimiterNode.start(server.url, configuration)
         for index in 0..<10 { try await victim.limiter.mustAdmit("user\(index % 3)", "v\(index)") }
@@ -66,6 +66,59 @@ struct LifecycleTests {
             #expect(b.limiter.localConnectionCount == 3)
             await a.stop()
             await b.stop()
+        }
+    }
+
+    @Test("entries Redis lost come back at the renewal that follows the reconnect, long before the 2-minute interval")
+    func lostEntriesComeBackAfterReconnect() async throws {
+        try await RedisServer.withServer { server throws in
+            let configuration = testConfiguration { $0.lease = .init() }
+            #expect(configuration.lease.renewInterval == .seconds(120))
+            let node = try await LimiterNode.start(server.url, configuration)
+            for index in 0..<3 { try await node.limiter.mustAdmit("gail", "g\(index)") }
+            try await withClient(server.url) { redis throws in
+                // What a failover to a replica that missed the writes looks like to the node: the entries are gone
+                // and its connection to Redis is new.
+                _ = try await redis.send("DEL", connsKey(configuration, "gail"))
+                _ = try await redis.send("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+                let clock = ContinuousClock()
+                let lost = clock.now
+                let back = try await eventually(timeout: .seconds(20)) { try await redis.send("ZCARD", connsKey(configuration, "gail")).int == 3 }
+                let elapsed = lost.duration(to: clock.now)
+                print("lost entries back \(elapsed) after the reconnect (renew interval \(configuration.lease.renewInterval))")
+                #expect(back)
+                #expect(elapsed < .seconds(20))
+            }
+            #expect(node.limiter.localConnectionCount == 3)
+            await node.stop()
+        }
+    }
+
+    @Test("a connection admitted on the local count while Redis is unreachable is written as soon as it is back")
+    func locallyCountedConnectionIsWrittenSoon() async throws {
+        try await RedisServer.withServer { server throws in
+            let proxy = try await TCPProxy.start(upstreamPort: server.port)
+            let configuration = testConfiguration {
+                $0.lease = .init()
+                $0.heartbeat = .init()  // a 5 s node TTL: the cut below must not cost the node its lease
+            }
+            let node = try await LimiterNode.start(proxy.url, configuration)
+            try await node.limiter.mustAdmit("hugo", "h0")
+            proxy.cut()
+            let admission = try await node.limiter.mustAdmit("hugo", "h1")
+            #expect(admission.basis == .localFallback)
+            proxy.restore()
+            let clock = ContinuousClock()
+            let restored = clock.now
+            let written = try await eventually(timeout: .seconds(20)) {
+                try await withClient(server.url) { redis in try await redis.send("ZCARD", connsKey(configuration, "hugo")).int == 2 }
+            }
+            let elapsed = restored.duration(to: clock.now)
+            print("locally counted connection written \(elapsed) after Redis was reachable again")
+            #expect(written)
+            #expect(elapsed < .seconds(20))
+            await node.stop()
+            await proxy.stop()
         }
     }
 

@@ -98,7 +98,7 @@ final class ClusterPubSub: Sendable {
                 guard let address = cluster.owner(of: slot) else { return nil }
                 box.withLockedValue { $0 }?.connectedTo.withLockedValue { $0 = address }
                 return ClusterRouter.endpoint(address)
-            })
+            }, events: cluster.events)
         router.attach(connection)
         let shard = Shard(slot: slot, router: router, connection: connection)
         box.withLockedValue { $0 = shard }

@@ -39,8 +39,12 @@ final class ClusterRouter: Sendable {
     /// Redirections (`MOVED`/`ASK`) one command may follow before it fails.
     static let maximumRedirections = 16
 
-    init(configuration: RedisClientConfiguration, logger: Logger) {
+    /// Told of every connection established to a cluster node (commands and sharded pub/sub).
+    let events: ConnectEvents
+
+    init(configuration: RedisClientConfiguration, logger: Logger, events: ConnectEvents) {
         self.configuration = configuration
+        self.events = events
         var logger = logger
         logger[metadataKey: "redis.cluster"] = .string(configuration.clusterSeeds.map(\.description).joined(separator: ","))
         self.logger = logger
@@ -96,7 +100,7 @@ final class ClusterRouter: Sendable {
             let endpoint = Self.endpoint(address) ?? .init(host: configuration.host, port: configuration.port)
             nodeConfiguration.host = endpoint.host
             nodeConfiguration.port = endpoint.port
-            let connection = RedisConnection(configuration: nodeConfiguration, mode: .commands, logger: logger)
+            let connection = RedisConnection(configuration: nodeConfiguration, mode: .commands, logger: logger, events: events)
             state.connections[address] = connection
             return (connection, true)
         }

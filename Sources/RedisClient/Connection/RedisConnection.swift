@@ -72,12 +72,15 @@ final class RedisConnection: Sendable {
     /// Where each (re)connect goes when that can change (a cluster shard's pub/sub connection follows the slot's
     /// primary); nil: always ``RedisClientConfiguration/host``:``RedisClientConfiguration/port``.
     let endpoint: (@Sendable () -> RedisClientConfiguration.Endpoint?)?
+    /// Told of every established connection (the client's ``RedisClient/connectionsEstablished``).
+    let events: ConnectEvents?
     private let stopped = Atomic<Bool>(false)
 
     init(
         configuration: RedisClientConfiguration, mode: Mode, logger: Logger, address: String? = nil,
-        endpoint: (@Sendable () -> RedisClientConfiguration.Endpoint?)? = nil
+        endpoint: (@Sendable () -> RedisClientConfiguration.Endpoint?)? = nil, events: ConnectEvents? = nil
     ) {
+        self.events = events
         self.configuration = configuration
         self.eventLoop = configuration.eventLoopGroup.next()
         self.mode = mode
@@ -525,7 +528,10 @@ final class RedisConnection: Sendable {
                 return (false, true)
             }
             if flush { eventLoop.execute { self.flush() } }
-            if ready { logger.debug("connected") }
+            if ready {
+                events?.record()
+                logger.debug("connected")
+            }
             let connectedAt = ContinuousClock.now
             await withTaskCancellationHandler {
                 try? await channel.closeFuture.get()
