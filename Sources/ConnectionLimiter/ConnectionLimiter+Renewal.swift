@@ -19,10 +19,13 @@ extension ConnectionLimiter {
             let sinceLast = lastRound.duration(to: now)
             let established = redis.connectionsEstablished
             let unheld = state.withLock { $0.table.unheldCount > 0 }
-            guard sinceLast >= configuration.lease.renewInterval || established != connects || unheld else { continue }
+            let reconnected = established != connects
+            guard sinceLast >= configuration.lease.renewInterval || reconnected || unheld else { continue }
             connects = established
             lastRound = now
+            let departed = state.withLock { $0.table.rotateDepartures() }
             await renewLeases()
+            if reconnected { await reconcileOwnMembers(departed: departed) }
         }
     }
 

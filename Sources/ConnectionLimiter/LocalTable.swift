@@ -29,6 +29,10 @@ struct LocalTable: Sendable {
     /// Open connections counted locally only (no member in Redis: admitted or re-added while Redis was away), kept
     /// up to date by every change: the renewal loop adds them as soon as Redis answers instead of at its next round.
     private(set) var unheldCount = 0
+    /// Users who had a connection removed here since the renewal loop's last round, and in the round before: after
+    /// a reconnect the node looks at their entries for releases Redis may have lost.
+    private var departed: Set<UserID> = []
+    private var departedBefore: Set<UserID> = []
 
     /// Applies `change` to connection `id` and keeps the counts true.
     private mutating func update(_ id: String, _ change: (inout Connection) -> Void) {
@@ -91,11 +95,24 @@ struct LocalTable: Sendable {
     mutating func remove(_ id: String) -> (Connection, lastOfUser: Bool)? {
         guard let connection = connections.removeValue(forKey: id) else { return nil }
         count(connection, -1)
+        departed.insert(connection.user)
         byUser[connection.user]?.remove(id)
         let last = byUser[connection.user]?.isEmpty ?? true
         if last { byUser[connection.user] = nil }
         return (connection, last)
     }
+
+    /// The users who had a connection removed in this round and the one before; starts a new round.
+    mutating func rotateDepartures() -> Set<UserID> {
+        defer {
+            departedBefore = departed
+            departed = []
+        }
+        return departed.union(departedBefore)
+    }
+
+    /// Every user with a connection here (pending, open or releasing).
+    var users: Dictionary<UserID, Set<String>>.Keys { byUser.keys }
 
     /// Whether `id` is pending or open here (a `verify` must keep its entry).
     func isLive(_ id: String) -> Bool {
