@@ -260,9 +260,9 @@ extension ConnectionLimiter {
                 // The index and the user's keys live on different shards, so nothing orders the two writes: they go
                 // out together (one round trip, each to its shard) and the admission counts only once the index write
                 // is confirmed too — an entry whose index write failed is taken out again before the error is thrown.
-                // A crash between the two can leave an entry the index does not name: a sweep cannot find it, but its
-                // lease runs out (lease.ttl ≤ 30 s) and, before that, the dead-owner cleanup of the user's next
-                // denial removes it.
+                // The index shard failing while this node crashes (a double fault) can leave an entry the index does
+                // not name: a sweep cannot find it; the dead-owner cleanup of the user's next denial removes it at
+                // once, and otherwise its lease ends it (lease.ttl, 5 minutes by default).
                 steps = [.command(add), .command(expire), script]
             } else {
                 // Queued ahead of the script on the same connection: if it cannot be written, neither can the script.

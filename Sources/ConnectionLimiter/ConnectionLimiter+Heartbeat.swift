@@ -93,7 +93,8 @@ extension ConnectionLimiter {
     /// Compares Redis's clock in a heartbeat reply with the time this node's monotonic clock says has passed since the
     /// previous reply; a difference beyond the round trip and a second is a jump of Redis's clock. A jump is logged and
     /// counted, suspends sweeps (and counting nodes dead) for a node TTL and an interval so live nodes can put their
-    /// leases right, and — forward — renews every lease now, before admissions drop the entries as expired.
+    /// leases right, and — forward — renews every lease now, before admissions drop the entries as expired; in either
+    /// direction every lease is renewed again once the peers have put theirs right (entries they dropped come back).
     /// - Returns: the jump (positive: forward), nil if none.
     @discardableResult
     func noticeClockJump(redisNow: Int?, sent: ContinuousClock.Instant, received: ContinuousClock.Instant) -> Duration? {
@@ -103,6 +104,9 @@ extension ConnectionLimiter {
             defer { state.clockReading = now }
             guard let previous = state.clockReading, let jump = previous.jump(to: now) else { return nil }
             state.sweepsSuspendedUntil = received + configuration.heartbeat.nodeTTL + configuration.heartbeat.interval
+            // Until every peer has noticed the jump too, a denial elsewhere may count this node dead by Redis's clock
+            // and drop its entries: renew again once that window is over.
+            state.renewalDue = received + configuration.heartbeat.nodeTTL + configuration.heartbeat.interval * 2
             return jump
         }
         guard let jump else { return nil }

@@ -8,8 +8,9 @@ extension ConnectionLimiter {
     /// that are missing while the user is under the limit; closes the ones that cannot be. A round runs every renew
     /// interval, and early — at most one a second — when Redis may have lost entries or this node holds connections
     /// counted locally only: the Redis client established a connection since the last round (a restart, a failover,
-    /// a healed cut: the server's data may be older than what was written), or an admission or re-admission fell back
-    /// to the local count. So the long interval costs nothing in how fast lost entries come back.
+    /// a healed cut: the server's data may be older than what was written), an admission or re-admission fell back
+    /// to the local count, or Redis's clock jumped a while ago (peers may have counted this node dead meanwhile and
+    /// dropped its entries). So the long interval costs nothing in how fast lost entries come back.
     func renewalLoop() async {
         var lastRound = clock.now
         var connects = redis.connectionsEstablished
@@ -18,9 +19,13 @@ extension ConnectionLimiter {
             let now = clock.now
             let sinceLast = lastRound.duration(to: now)
             let established = redis.connectionsEstablished
-            let unheld = state.withLock { $0.table.unheldCount > 0 }
+            let (unheld, due) = state.withLock { state -> (Bool, Bool) in
+                let due = state.renewalDue.map { now >= $0 } ?? false
+                if due { state.renewalDue = nil }
+                return (state.table.unheldCount > 0, due)
+            }
             let reconnected = established != connects
-            guard sinceLast >= configuration.lease.renewInterval || reconnected || unheld else { continue }
+            guard sinceLast >= configuration.lease.renewInterval || reconnected || unheld || due else { continue }
             connects = established
             lastRound = now
             let departed = state.withLock { $0.table.rotateDepartures() }

@@ -43,6 +43,9 @@ public final class ConnectionLimiter: Service, Sendable {
         var sweeping = false
         /// A renewal round asked of the maintenance loop (after a forward jump of Redis's clock).
         var pendingRenewal = false
+        /// An early renewal round the renewal loop runs at this time (once every peer has put its lease right after
+        /// a jump of Redis's clock: a peer that saw this node dead meanwhile may have dropped its entries).
+        var renewalDue: ContinuousClock.Instant?
         /// Redis's clock and this node's monotonic clock at the last heartbeat reply, to notice jumps of Redis's clock.
         var clockReading: ClockReading?
         /// After a jump of Redis's clock: no sweep and no node counted dead until then (live nodes need a heartbeat

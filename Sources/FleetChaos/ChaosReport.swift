@@ -47,7 +47,7 @@ public struct ChaosReport: Codable, Sendable {
     public var longestStale: Double
     public var longestStaleWhere: String
     /// The longest an open socket was missing from Redis (per user and node; windows where its node was paused or
-    /// cut off, or Redis was being restarted, plus one renewal interval, do not count), and where.
+    /// cut off, or Redis was being restarted, plus the recovery bound, do not count), and where.
     public var longestLost: Double
     public var longestLostWhere: String
     /// Times a node's port came back under a new node id (re-registrations and restarts).
@@ -119,20 +119,20 @@ public struct ChaosReport: Codable, Sendable {
 
         // The checks: what the product promises under these faults.
         var checks: [Check] = []
-        let renew = configuration.renewInterval
+        let recovery = configuration.recovery
         // Faults during which the README allows an overshoot (the local fallback, a lease lost while paused) for at
-        // most one renewal interval after they end.
+        // most the recovery bound after they end.
         let overshootAllowed = scenario.faults.contains { Self.overshootingFaults.contains($0.kind) }
         if overshootAllowed {
             // A killed primary's users are counted locally until its replica is promoted (up to 10 s with the
             // runner's 2 s cluster node timeout); the renewal after that closes what is over the limit.
             let failover = scenario.faults.contains { $0.kind == .killPrimary } ? Self.failoverAllowance : 0
-            let allowed = renew + 3 + failover
+            let allowed = recovery + 3 + failover
             checks.append(
                 Check(
                     name: "over-limit time", passed: summary.maxOverAge <= allowed,
                     detail: String(
-                        format: "no user above the limit for longer than %@a renewal interval + 3 s (%.1f s): longest %.1f s, peak %d of %d",
+                        format: "no user above the limit for longer than %@the recovery bound + 3 s (%.1f s): longest %.1f s, peak %d of %d",
                         failover > 0 ? "a failover (\(Int(failover)) s) + " : "", allowed, summary.maxOverAge, summary.peakPerUser, options.limit)))
         } else {
             checks.append(
@@ -169,7 +169,7 @@ public struct ChaosReport: Codable, Sendable {
             let until = index + 1 < ordered.count ? scenarioStart + ordered[index + 1].at : .infinity
             let covered = ordered[..<index].contains { earlier in
                 Self.overshootingFaults.contains(earlier.kind)
-                    && scenarioStart + earlier.at + (earlier.for ?? 0) + renew + 3 > from
+                    && scenarioStart + earlier.at + (earlier.for ?? 0) + recovery + 3 > from
             }
             guard !covered else { continue }
             let peak = summary.samples.filter { $0.t >= from && $0.t < until }.map(\.maxPerUser).max() ?? 0
@@ -185,9 +185,9 @@ public struct ChaosReport: Codable, Sendable {
                     format: "every entry without its socket gone within 30 s: longest %.1f s %@", summary.maxStaleAge, summary.maxStaleWhere)))
         checks.append(
             Check(
-                name: "lost entries", passed: summary.maxLostAge <= renew + 3,
+                name: "lost entries", passed: summary.maxLostAge <= recovery + 3,
                 detail: String(
-                    format: "every open socket back in Redis within a renewal interval + 3 s (%.1f s): longest %.1f s %@", renew + 3,
+                    format: "every open socket back in Redis within the recovery bound + 3 s (%.1f s): longest %.1f s %@", recovery + 3,
                     summary.maxLostAge, summary.maxLostWhere)))
         for kill in kills {
             checks.append(

@@ -16,8 +16,11 @@ public struct ChaosConfiguration: Sendable {
     public var scenario: Scenario
     /// How long to wait for every user to reach the limit before the scenario starts anyway.
     public var loadTimeout: Duration = .seconds(60)
-    /// The nodes' lease renewal interval (`--lease-renew-interval`, default 10 s): lost entries must be back within it.
-    public var renewInterval: Double = 10
+    /// Seconds within which, once a fault ends, lost entries must be back in Redis and users above the limit closed
+    /// (plus a few seconds of margin): the nodes' early renewal round after a reconnect does it in about 1–4 s,
+    /// whatever their regular renewal interval (2 min by default). Defaults to 10 s, the bound the fleet kept when
+    /// it renewed every 10 s.
+    public var recovery: Double = 10
     /// Progress lines (on stderr) as the run goes.
     public var progress: @Sendable (String) -> Void = { _ in }
     /// End the run as soon as every SIGKILLed node's entries are gone and its users are back (the demo), instead of
@@ -189,7 +192,7 @@ public struct ChaosRunner: Sendable {
         let label = fault.label(prefix: prefix)
         let slot = (fault.node ?? 1) - 1
         let length = fault.for ?? 0
-        let grace = configuration.renewInterval + 2
+        let grace = configuration.recovery + 2
         // validate(nodes:clusterPrimaries:) keeps the single-server faults off a cluster and kill-primary off a server.
         let server = fleet.redis
         switch fault.kind {

@@ -189,7 +189,7 @@ public struct BenchFiguresError: Error, CustomStringConvertible {
 }
 
 extension AdmitBenchResult {
-    /// `admit.throughput-ratio` and, when measured, `admit.bytes-per-connection`.
+    /// `admit.throughput-ratio` and, when measured, `admit.bytes-per-connection` and `admit.keepalive-ratio`.
     public var figures: [BenchFigure] {
         var figures = [
             BenchFigure(
@@ -201,6 +201,12 @@ extension AdmitBenchResult {
                 BenchFigure(
                     name: "admit.bytes-per-connection", value: memory.limiterBytesPerEntry, higherIsBetter: false,
                     label: "used_memory per live connection, limiter path"))
+        }
+        if let ratio = upkeep?.naiveRatio {
+            figures.append(
+                BenchFigure(
+                    name: "admit.keepalive-ratio", value: ratio, higherIsBetter: false,
+                    label: "Redis command time keeping connections alive / naive (1 ZADD per connection every 10 s)"))
         }
         return figures
     }

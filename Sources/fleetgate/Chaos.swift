@@ -33,7 +33,9 @@ struct Chaos: AsyncParsableCommand {
     @Option(help: "Play the scenario again and again for this long (e.g. 10m) instead of once.") var duration: DurationArgument?
     @Option(help: "The nodes' --on-lease-loss (keep or close).") var onLeaseLoss: String?
     @Option(help: "The nodes' --on-redis-down (local or reject).") var onRedisDown: String?
-    @Option(help: "The nodes' --lease-renew-interval (lost entries must be back within it).") var leaseRenewInterval = DurationArgument(.seconds(10))
+    @Option(help: "The nodes' --lease-renew-interval (default: serve's, 2m).") var leaseRenewInterval: DurationArgument?
+    @Option(help: "Lost entries must be back, and users over the limit closed, this long after a fault ends (+ 3 s).")
+    var recovery = DurationArgument(.seconds(10))
     @Option(parsing: .singleValue, help: "Another `serve` flag for every node, e.g. --node-arg=--lease-ttl --node-arg=20s.") var nodeArg: [String] =
         []
     @Option(help: "The clock-offset library for redis-server (LD_PRELOAD), needed by clock-jump faults; scripts/chaos builds it.")
@@ -72,8 +74,8 @@ struct Chaos: AsyncParsableCommand {
             fleet.clusterPrimaries = clusterPrimaries
             fleet.proxies = false
         }
-        let renewMilliseconds = wholeMilliseconds(leaseRenewInterval.duration)
-        var arguments = ["--lease-renew-interval", "\(renewMilliseconds)ms"]
+        var arguments: [String] = []
+        if let leaseRenewInterval { arguments += ["--lease-renew-interval", "\(wholeMilliseconds(leaseRenewInterval.duration))ms"] }
         if let onLeaseLoss { arguments += ["--on-lease-loss", onLeaseLoss] }
         if let onRedisDown { arguments += ["--on-redis-down", onRedisDown] }
         fleet.nodeArguments = arguments + nodeArg
@@ -82,7 +84,7 @@ struct Chaos: AsyncParsableCommand {
         var configuration = ChaosConfiguration(fleet: fleet, scenario: scenario)
         configuration.users = users
         configuration.attempts = attempts
-        configuration.renewInterval = Double(renewMilliseconds) / 1000
+        configuration.recovery = Double(wholeMilliseconds(recovery.duration)) / 1000
         configuration.progress = { line in FileHandle.standardError.write(Data((line + "\n").utf8)) }
         return configuration
     }

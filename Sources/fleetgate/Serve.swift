@@ -57,8 +57,8 @@ struct Serve: AsyncParsableCommand {
     // Timings
     @Option(help: "Node heartbeat interval. [env: FLEETGATE_HEARTBEAT_INTERVAL] (default: 1s)") var heartbeatInterval: DurationArgument?
     @Option(help: "Node TTL: a node silent this long is dead and swept. [env: FLEETGATE_NODE_TTL] (default: 5s)") var nodeTTL: DurationArgument?
-    @Option(help: "Connection lease TTL in Redis. [env: FLEETGATE_LEASE_TTL] (default: 30s)") var leaseTTL: DurationArgument?
-    @Option(help: "Connection lease renewal interval. [env: FLEETGATE_LEASE_RENEW_INTERVAL] (default: 10s)") var leaseRenewInterval: DurationArgument?
+    @Option(help: "Connection lease TTL in Redis: the backstop for entries nobody owns. [env: FLEETGATE_LEASE_TTL] (default: 5m)") var leaseTTL: DurationArgument?
+    @Option(help: "Connection lease renewal interval (early rounds follow a reconnect). [env: FLEETGATE_LEASE_RENEW_INTERVAL] (default: 2m)") var leaseRenewInterval: DurationArgument?
     @Option(
         help:
             "How long a denial waits for other nodes to verify zombies and probe silent clients; longer than --probe-timeout. [env: FLEETGATE_VERIFY_TIMEOUT] (default: 1s)"

@@ -23,7 +23,7 @@ struct BenchAdmitTests {
         #expect(bench.limit == 20)
         #expect(bench.memoryUsers == 100_000)
         #expect(bench.memoryConnectionsPerUser == 5)
-        #expect(bench.renewInterval == 10)
+        #expect(bench.renewInterval == 120)
         #expect(bench.redisBenchmark == nil)
     }
 

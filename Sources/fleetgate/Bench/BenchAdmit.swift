@@ -65,8 +65,8 @@ struct BenchAdmit: AsyncParsableCommand {
     @Option(help: "Connections per user for the memory and CPU measurements (0 skips them).")
     var memoryConnectionsPerUser: Int = 5
 
-    @Option(help: "Lease renewal interval of the node in the CPU measurement, in seconds.")
-    var renewInterval: Int = 10
+    @Option(help: "Lease renewal interval of the node in the CPU measurement, in seconds (the limiter's default: 120).")
+    var renewInterval: Int = 120
 
     @Option(help: "Path of redis-benchmark (default: found on PATH).")
     var redisBenchmark: String?
@@ -87,7 +87,7 @@ struct BenchAdmit: AsyncParsableCommand {
         guard memoryUsers * memoryConnectionsPerUser <= 20_000_000 else {
             throw ValidationError("--memory-users x --memory-connections-per-user must be at most 20000000")
         }
-        guard (1...300).contains(renewInterval) else { throw ValidationError("--renew-interval must be between 1 and 300 seconds") }
+        guard (1...600).contains(renewInterval) else { throw ValidationError("--renew-interval must be between 1 and 600 seconds") }
         do {
             _ = try RedisClientConfiguration(url: url)
         } catch {
